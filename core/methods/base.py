@@ -1,0 +1,54 @@
+"""The small interface every method implements, and the per-image state the predictor caches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ovseg.core.backbone import BackboneFeatures
+from ovseg.core.models import Models
+from ovseg.core.types import ConceptResult
+
+
+@dataclass
+class ImageState:
+    """What `Predictor.set_image` computes once: the RGB image (HWC uint8), the network input and the
+    backbone features. `cache` holds per-image work a method wants to reuse across concepts."""
+
+    image: np.ndarray
+    input: torch.Tensor
+    features: BackboneFeatures
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.image.shape[0], self.image.shape[1]
+
+
+class Method:
+    """A segmentation method. Subclasses set `summary` and `trained`, and implement `predict`.
+
+    `name` is set by `@register_method`.
+    """
+
+    name: str = ""
+    summary: str = ""
+    trained: bool = False  # needs a checkpoint from assets/ (or a user's)
+
+    def __init__(self, models: Models, **options):
+        self.models = models
+        self.options = options
+
+    def predict(
+        self, state: ImageState, concept: str, negatives: tuple[str, ...] = (), caption: str | None = None
+    ) -> ConceptResult:
+        raise NotImplementedError
+
+
+def upsample_map(score_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """(h, w) tensor -> (H, W) float32 numpy, bilinear, clipped to [0, 1]."""
+    up = F.interpolate(score_map[None, None].float(), size=size, mode="bilinear", align_corners=False)[0, 0]
+    return up.clamp_(0.0, 1.0).cpu().numpy()

@@ -1,0 +1,122 @@
+"""The predictor: `set_image` once (decode, validate, backbone features), then `predict` for many words."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ovseg.core.backbone import input_size, preprocess
+from ovseg.core.concepts import parse_concepts
+from ovseg.core.errors import OvsegError
+from ovseg.core.image_io import load_image
+from ovseg.core.methods.base import ImageState, Method
+from ovseg.core.models import Models
+from ovseg.core.registry import get_method, parse_methods
+from ovseg.core.types import Prediction
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LONG_SIDE = 448
+
+
+class Predictor:
+    """Open-vocabulary segmentation of one image at a time.
+
+    >>> p = Predictor()                       # CPU; Predictor(device="auto") takes a GPU when there is one
+    >>> p.set_image("photo.jpg")              # path, PIL image or HWC array
+    >>> out = p.predict("dog, frisbee, -person", methods=["cam"])
+    >>> out.get("dog").mask                   # HxW bool at image size
+
+    Args:
+        device: "cpu" (default), "cuda" or "auto".
+        long_side: the network input's long side in pixels (each side is then rounded to a multiple of 32).
+        max_pixels: refuse larger images (see `ovseg.core.image_io`).
+        text_encoder_path: a local Hugging Face folder to use instead of the packaged MiniLM.
+        method_options: {method name: {option: value}} passed to the method's constructor.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        long_side: int = DEFAULT_LONG_SIDE,
+        max_pixels: int | None = None,
+        text_encoder_path: str | Path | None = None,
+        method_options: dict[str, dict] | None = None,
+        models: Models | None = None,
+    ):
+        if long_side < 64:
+            raise ValueError(f"long_side must be at least 64 pixels, got {long_side}")
+        self.models = models if models is not None else Models(device, text_encoder_path)
+        self.long_side = long_side
+        self.max_pixels = max_pixels
+        self.method_options = dict(method_options or {})
+        self._methods: dict[str, Method] = {}
+        self._state: ImageState | None = None
+        self.last_set_image_ms = float("nan")
+
+    @property
+    def device(self) -> torch.device:
+        return self.models.device
+
+    def method(self, name: str) -> Method:
+        """The method instance (created on first use, with its options)."""
+        if name not in self._methods:
+            cls = get_method(name)
+            self._methods[name] = cls(self.models, **self.method_options.get(name, {}))
+        return self._methods[name]
+
+    def set_image(self, image) -> None:
+        """Decode and validate `image` (path, PIL image, or HWC array; see `load_image`) and cache its
+        backbone features. Raises `ImageError` with a message naming what was wrong."""
+        t0 = time.perf_counter()
+        rgb = load_image(image, self.max_pixels)
+        self._state = None  # never leave the previous image's features behind a failed call
+        x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], self.long_side), self.device)
+        with torch.no_grad():
+            feats = self.models.backbone(x)
+        self._state = ImageState(image=rgb, input=x, features=feats)
+        self.last_set_image_ms = (time.perf_counter() - t0) * 1000.0
+
+    @property
+    def image(self) -> np.ndarray:
+        return self._require_state().image
+
+    def _require_state(self) -> ImageState:
+        if self._state is None:
+            raise OvsegError("no image set: call set_image(image) before predict()")
+        return self._state
+
+    def predict(
+        self,
+        concepts,
+        negatives=(),
+        caption: str | None = None,
+        methods=("cam",),
+    ) -> Prediction:
+        """Run each method on each concept of the current image.
+
+        Args:
+            concepts: "dog, frisbee, -person" or a list of words; words with a leading '-' are negatives.
+            negatives: more negative words (regions to exclude).
+            caption: an optional caption of the image (used by the caption methods, ignored by others).
+            methods: method names, or "cam,cls_saliency".
+        """
+        state = self._require_state()
+        positives, extra_negatives = parse_concepts(concepts)
+        neg_list = list(extra_negatives)
+        if negatives:
+            neg_list += [n for n in parse_concepts(list(negatives))[0] if n not in neg_list]
+        negs = tuple(n for n in neg_list if n not in positives)
+        if caption is not None and not isinstance(caption, str):
+            raise OvsegError(f"caption must be a string, got {type(caption).__name__}")
+        caption = caption.strip() or None if caption else None
+        results = []
+        for name in parse_methods(methods):
+            method = self.method(name)
+            for concept in positives:
+                results.append(method.predict(state, concept, negs, caption))
+        return Prediction(image_size=state.size, results=results, negatives=negs, caption=caption)
