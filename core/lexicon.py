@@ -128,6 +128,10 @@ class Lexicon:
     def wn(self):
         return wordnet()
 
+    def load(self) -> None:
+        """Load WordNet and the ImageNet ancestor table now rather than on the first word."""
+        self._imagenet_ancestors()
+
     def noun_synsets(self, word: str) -> list:
         """Noun senses of a word or phrase in WordNet order (most frequent first); plurals are reduced."""
         return self.wn.synsets(normalise_word(word).replace(" ", "_"), pos="n")

@@ -6,6 +6,7 @@ import hashlib
 import io
 import logging
 import threading
+import time
 from functools import cached_property
 from pathlib import Path
 
@@ -52,6 +53,13 @@ class Models:
         from ovseg.core.lexicon import Lexicon
 
         return Lexicon()
+
+    def load(self) -> float:
+        """Load every shared model now (otherwise the first word pays for it); returns the seconds taken."""
+        t0 = time.perf_counter()
+        self.lexicon.load()
+        self.backbone, self.class_name_embeddings  # noqa: B018 (cached on first access)
+        return time.perf_counter() - t0
 
     def embed_words(self, words: list[str]) -> torch.Tensor:
         """(N, D) unit-norm text embeddings of words, memoised per word."""

@@ -48,12 +48,18 @@ class TextEncoder(torch.nn.Module):
             raise ModelError(f"{path}: not a Hugging Face model folder (no config.json)")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder never needs the hub; never try it
         from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a weight-loading bar on every start is noise for our users
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(path))
             model = AutoModel.from_pretrained(str(path))
         except Exception as exc:  # transformers raises many types for a broken folder
             raise ModelError(f"{path}: could not load the text encoder ({exc})") from None
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
         # A CLIP checkpoint holds both towers: keep the text tower.
         self.model = getattr(model, "text_model", model).eval().requires_grad_(False)
         self.path = path

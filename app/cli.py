@@ -1,0 +1,147 @@
+"""The `ovseg` command line: `ovseg segment`, `ovseg eval`, `ovseg methods`.
+
+Errors the user can fix come out as one line on stderr (exit status 2), never a traceback; `--debug` shows
+the traceback of an unexpected error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+log = logging.getLogger("ovseg")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ovseg", description="Open-vocabulary segmentation workbench.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("segment", help="segment words in one image; write overlays, masks and a JSON summary")
+    s.add_argument("image", help="an image file (JPEG, PNG, ...)")
+    s.add_argument("words", help="comma-separated words, e.g. 'dog, frisbee, -person' ('-' marks a negative)")
+    s.add_argument("--out", required=True, help="output folder (created if missing)")
+    s.add_argument("--methods", default="cam", help="comma-separated method names (see `ovseg methods`)")
+    s.add_argument("--caption", default=None, help="an optional caption of the image")
+    s.add_argument("--threshold", type=float, default=None, help="mask threshold in [0, 1] (method default)")
+    s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+
+    e = sub.add_parser("eval", help="score methods on a COCO folder (DESIGN.md's protocol)")
+    e.add_argument("coco_dir", help="a folder with images/, instances.json and optionally captions.json")
+    e.add_argument("--methods", default="cam", help="comma-separated method names")
+    e.add_argument("--out", required=True, help="output folder for metrics.json, report.md and plots")
+    e.add_argument("--limit", type=int, default=None, help="only the first N images (for a quick look)")
+    e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    e.add_argument("--no-reference", action="store_true", help="skip timing the CLIPSeg architecture")
+
+    sub.add_parser("methods", help="list the available methods")
+    return p
+
+
+def _threshold_options(methods: list[str], threshold: float | None) -> dict:
+    if threshold is None:
+        return {}
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"--threshold must lie in [0, 1], got {threshold}")
+    return {m: {"threshold": threshold} for m in methods}
+
+
+def cmd_segment(args) -> int:
+    from ovseg.app.render import colour, heatmap_overlay, mask_overlay, save_png, slug
+    from ovseg.core.cache import atomic_write_text
+    from ovseg.core.concepts import parse_concepts
+    from ovseg.core.predictor import Predictor
+    from ovseg.core.registry import parse_methods
+
+    methods = parse_methods(args.methods)
+    parse_concepts(args.words)  # a bad word list fails before any model loads
+    predictor = Predictor(device=args.device, method_options=_threshold_options(methods, args.threshold))
+    predictor.set_image(args.image)
+    print(f"models loaded in {predictor.models.load():.1f} s; set_image {predictor.last_set_image_ms:.0f} ms")
+    prediction = predictor.predict(args.words, caption=args.caption, methods=methods)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    image = predictor.image
+    save_png(out / "image.png", image)
+    summary = {"image": str(Path(args.image).resolve()), "size": list(prediction.image_size),
+               "words": args.words, "negatives": list(prediction.negatives), "caption": prediction.caption,
+               "set_image_ms": round(predictor.last_set_image_ms, 2), "results": []}
+    print(f"{'word':<16} {'method':<14} {'score':>6} {'present':>7} {'area':>6} {'ms':>7}")
+    for i, r in enumerate(prediction.results):
+        stem = f"{slug(r.concept)}_{r.method}"
+        files = {"mask": f"{stem}_mask.png", "mask_overlay": f"{stem}_mask_overlay.png"}
+        save_png(out / files["mask"], r.mask)
+        save_png(out / files["mask_overlay"], mask_overlay(image, r.mask, tuple(colour(i))))
+        for prior in r.priors:
+            files[prior.kind] = f"{stem}_{prior.kind}.png"
+            save_png(out / files[prior.kind], heatmap_overlay(image, prior.map))
+        area = float(r.mask.mean())
+        summary["results"].append({"word": r.concept, "method": r.method, "score": round(r.score, 5),
+                                   "present": bool(r.present), "mask_area": round(area, 5),
+                                   "ms": round(r.ms, 2), "files": files, "details": r.details})
+        print(f"{r.concept:<16} {r.method:<14} {r.score:>6.3f} {('yes' if r.present else 'no'):>7} "
+              f"{area:>6.1%} {r.ms:>7.1f}")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    print(f"wrote {len(prediction.results)} result(s) to {out}/ (summary.json, *_mask.png, *_attention.png)")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from ovseg.app.evaluate import evaluate
+    from ovseg.app.report import format_table, write_report
+    from ovseg.core.registry import parse_methods
+
+    methods = parse_methods(args.methods)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}")
+    metrics, curves = evaluate(args.coco_dir, methods, limit=args.limit, device=args.device,
+                               reference=not args.no_reference)
+    paths = write_report(args.out, metrics, curves)
+    print(format_table(metrics))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from ovseg.core.registry import available_methods, get_method
+
+    for name in available_methods():
+        cls = get_method(name)
+        print(f"{name:<14} {'trained ' if cls.trained else 'training-free'}  {cls.summary}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading progress bars
+    from ovseg.core.errors import OvsegError
+
+    command = {"segment": cmd_segment, "eval": cmd_eval, "methods": cmd_methods}[args.command]
+    try:
+        return command(args)
+    except (OvsegError, ValueError, KeyError, FileNotFoundError, NotADirectoryError) as exc:
+        if args.debug:
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"ovseg {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ovseg {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: one line, the traceback behind --debug
+        if args.debug:
+            raise
+        print(f"ovseg {args.command}: unexpected error: {type(exc).__name__}: {exc} (rerun with --debug)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

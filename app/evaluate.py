@@ -1,0 +1,191 @@
+"""`ovseg eval`: the fixed evaluation protocol of DESIGN.md on a COCO folder.
+
+For every image and every scored class present in it, each method predicts a mask from the class name alone;
+IoU with the union of that class's instance masks, over the annotated pixels (unlabelled pixels are ignored,
+the data's rule) and, stricter, over all pixels (unlabelled counted as background); mean over (image, class)
+pairs, target and base apart, and their harmonic mean. Presence AP: every image x every scored class, AP over
+images per class, averaged. Speed: median ms of `set_image` and per concept, and the CLIPSeg architecture
+(transformers' default config, random weights) timed in the same run as the reference.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ovseg.core.metrics import average_precision, harmonic_mean, mask_iou, precision_recall_curve
+from ovseg.core.predictor import Predictor
+from ovseg.train.coco import BASE_CLASSES, SCORED_CLASSES, TARGET_CLASSES, CocoConceptDataset
+
+log = logging.getLogger(__name__)
+
+
+class _Scores:
+    """Accumulates one method's per-pair IoUs and per-class presence scores."""
+
+    def __init__(self):
+        self.iou = defaultdict(list)  # class -> IoUs over the pairs where the class is present
+        self.iou_strict = defaultdict(list)
+        self.scores = defaultdict(list)  # class -> presence score per image
+        self.labels = defaultdict(list)
+        self.ms_concept: list[float] = []
+        self.seconds = 0.0
+
+    def add(self, result, targets) -> None:
+        c = result.concept
+        present = c in targets.gt
+        self.scores[c].append(result.score)
+        self.labels[c].append(present)
+        if present:
+            gt = targets.gt[c]
+            self.iou[c].append(mask_iou(result.mask, gt, targets.valid_for(c)))
+            not_crowd = ~targets.crowd[c] if c in targets.crowd else None
+            self.iou_strict[c].append(mask_iou(result.mask, gt, not_crowd))
+
+
+def _split_mean(per_pair: dict[str, list[float]]) -> dict[str, float]:
+    target = [v for c in TARGET_CLASSES for v in per_pair.get(c, [])]
+    base = [v for c in BASE_CLASSES for v in per_pair.get(c, [])]
+    t = float(np.mean(target)) if target else float("nan")
+    b = float(np.mean(base)) if base else float("nan")
+    return {"target": t, "base": b, "h": harmonic_mean(t, b)}
+
+
+def _presence(scores: _Scores) -> tuple[dict, dict, dict]:
+    per_class_ap, curves = {}, {}
+    for c in SCORED_CLASSES:
+        s, y = np.asarray(scores.scores[c]), np.asarray(scores.labels[c], dtype=bool)
+        if len(s) == 0 or not y.any():
+            continue
+        per_class_ap[c] = average_precision(s, y)
+        precision, recall, _ = precision_recall_curve(s, y)
+        curves[c] = (precision, recall)
+    t = [per_class_ap[c] for c in TARGET_CLASSES if c in per_class_ap]
+    b = [per_class_ap[c] for c in BASE_CLASSES if c in per_class_ap]
+    tm = float(np.mean(t)) if t else float("nan")
+    bm = float(np.mean(b)) if b else float("nan")
+    return {"target": tm, "base": bm, "h": harmonic_mean(tm, bm)}, per_class_ap, curves
+
+
+def clipseg_reference(runs: int = 5) -> dict:
+    """Median ms of one CLIPSeg forward (transformers' default config, random weights, 1 image + 1 prompt)."""
+    from transformers import CLIPSegConfig, CLIPSegForImageSegmentation
+
+    torch.manual_seed(0)
+    config = CLIPSegConfig()
+    model = CLIPSegForImageSegmentation(config).eval()
+    size = config.vision_config.image_size
+    pixels = torch.randn(1, 3, size, size)
+    ids = torch.randint(0, config.text_config.vocab_size, (1, 8))
+    times = []
+    with torch.no_grad():
+        for i in range(runs + 1):
+            t0 = time.perf_counter()
+            model(input_ids=ids, pixel_values=pixels)
+            if i:  # the first run warms up
+                times.append((time.perf_counter() - t0) * 1000.0)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    return {
+        "ms_per_forward": statistics.median(times),
+        "params_millions": params,
+        "note": f"CLIPSeg architecture, default config, random weights, {size}x{size} input, 1 prompt, "
+        f"median of {runs} runs after one warm-up; each word needs its own forward",
+    }
+
+
+def load_raw_rgb(path: Path) -> np.ndarray:
+    """COCO masks are drawn on the stored pixel grid: read the pixels without applying EXIF orientation."""
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def evaluate(
+    root,
+    methods: list[str],
+    limit: int | None = None,
+    device: str = "cpu",
+    predictor: Predictor | None = None,
+    progress: bool = True,
+    reference: bool = True,
+) -> tuple[dict, dict]:
+    """Run the protocol; returns (metrics, pr_curves) in the layout `ovseg.app.report.write_report` takes."""
+    from tqdm import tqdm
+
+    dataset = CocoConceptDataset(root)
+    ids = dataset.image_ids[:limit] if limit else dataset.image_ids
+    predictor = predictor or Predictor(device=device)
+    words = list(SCORED_CLASSES)
+    acc = {m: _Scores() for m in methods}
+    whole = _Scores()
+    set_image_ms: list[float] = []
+    pairs = {"target": 0, "base": 0}
+    bar = tqdm(ids, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
+    for image_id in bar:
+        targets = dataset.concept_targets(image_id)
+        rgb = load_raw_rgb(dataset.image_path(image_id))
+        if rgb.shape[:2] != targets.shape:
+            raise RuntimeError(f"image {image_id}: pixels are {rgb.shape[:2]}, annotations {targets.shape}")
+        predictor.set_image(rgb)
+        set_image_ms.append(predictor.last_set_image_ms)
+        for c in targets.gt:
+            pairs["target" if c in TARGET_CLASSES else "base"] += 1
+        for m in methods:
+            t0 = time.perf_counter()
+            prediction = predictor.predict(words, methods=[m])
+            elapsed = time.perf_counter() - t0
+            acc[m].ms_concept.append(elapsed * 1000.0 / len(words))
+            acc[m].seconds += elapsed + predictor.last_set_image_ms / 1000.0
+            for result in prediction.results:
+                acc[m].add(result, targets)
+        _add_whole_image(whole, targets)
+    bar.close()
+
+    out_methods, pr_curves = {}, {}
+    for m, s in acc.items():
+        presence, per_class_ap, curves = _presence(s)
+        pr_curves[m] = curves
+        out_methods[m] = {
+            "concept_miou": _split_mean(s.iou),
+            "concept_miou_strict": _split_mean(s.iou_strict),
+            "presence_ap": presence,
+            "ms_per_image": statistics.median(set_image_ms),
+            "ms_per_concept": statistics.median(s.ms_concept),
+            "images_per_second": len(ids) / s.seconds if s.seconds else float("nan"),
+            "per_class_iou": {c: float(np.mean(v)) for c, v in s.iou.items()},
+            "per_class_ap": per_class_ap,
+        }
+    metrics = {
+        "dataset": {"root": str(Path(root).resolve()), "images": len(ids), "pairs_target": pairs["target"],
+                    "pairs_base": pairs["base"]},
+        "methods": out_methods,
+        "reference": {
+            "whole_image_mask": {"concept_miou": _split_mean(whole.iou),
+                                 "concept_miou_strict": _split_mean(whole.iou_strict)},
+        },
+        "environment": {
+            "device": str(predictor.device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        },
+    }
+    if reference:
+        metrics["reference"]["clipseg_architecture"] = clipseg_reference()
+    return metrics, pr_curves
+
+
+def _add_whole_image(whole: _Scores, targets) -> None:
+    """The trivial reference: every pixel of the image is the class (what the ignore rule forgives)."""
+    from ovseg.core.types import ConceptResult
+
+    full = np.ones(targets.shape, dtype=bool)
+    for c in targets.gt:
+        whole.add(ConceptResult(c, "whole_image", full, 1.0, True), targets)

@@ -1,0 +1,65 @@
+"""Images people look at: heatmap overlays, mask overlays, and the PNG files the CLI writes."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from ovseg.core.cache import atomic_write_bytes
+
+# Distinct mask colours (RGB), one per word in order.
+PALETTE = np.array(
+    [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+     (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)],
+    dtype=np.uint8,
+)
+
+
+def colour(i: int) -> np.ndarray:
+    return PALETTE[i % len(PALETTE)]
+
+
+def heatmap(prior_map: np.ndarray) -> np.ndarray:
+    """HxW float in [0, 1] -> HxWx3 uint8 RGB (turbo colour map)."""
+    u8 = np.clip(prior_map * 255.0, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(cv2.applyColorMap(u8, cv2.COLORMAP_TURBO), cv2.COLOR_BGR2RGB)
+
+
+def heatmap_overlay(image: np.ndarray, prior_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [0, 1] map's colours over an HWC uint8 RGB image."""
+    return cv2.addWeighted(image, 1.0 - alpha, heatmap(prior_map), alpha, 0.0)
+
+
+def mask_overlay(image: np.ndarray, mask: np.ndarray, rgb=(230, 25, 75), alpha: float = 0.45) -> np.ndarray:
+    """Tint the mask's pixels and draw its outline; the rest of the image is dimmed slightly."""
+    out = (image.astype(np.float32) * 0.8).astype(np.uint8)
+    m = mask.astype(bool)
+    if m.any():
+        tint = np.array(rgb, dtype=np.float32)
+        out[m] = (image[m].astype(np.float32) * (1 - alpha) + tint * alpha).astype(np.uint8)
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        thickness = max(1, round(max(mask.shape) / 300))
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in rgb), thickness)
+    return out
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def save_png(path, array: np.ndarray):
+    """Write an HxW (bool or uint8) or HxWx3 uint8 array as PNG, atomically. Bool masks become 0/255."""
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8) * 255
+    return atomic_write_bytes(path, png_bytes(array))
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a word: 'teddy bear' -> 'teddy_bear'."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "word"
