@@ -126,11 +126,10 @@ def main(argv=None) -> int:
     command = {"segment": cmd_segment, "eval": cmd_eval, "methods": cmd_methods}[args.command]
     try:
         return command(args)
-    except (OvsegError, ValueError, KeyError, FileNotFoundError, NotADirectoryError) as exc:
+    except (OvsegError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
         if args.debug:
             raise
-        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"ovseg {args.command}: error: {message}", file=sys.stderr)
+        print(f"ovseg {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ovseg {args.command}: interrupted", file=sys.stderr)

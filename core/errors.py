@@ -13,5 +13,12 @@ class ConceptError(OvsegError, ValueError):
     """A word list is empty or malformed."""
 
 
+class UnknownMethodError(OvsegError, KeyError):
+    """A method name that is not registered."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class ModelError(OvsegError, RuntimeError):
     """A packaged model or checkpoint could not be loaded."""

@@ -8,6 +8,7 @@ grayscale, palette, RGBA (composited on white), CMYK and 16-bit images to 8-bit 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -32,7 +33,7 @@ def max_pixels_default() -> int:
         raise ImageError(f"OVSEG_MAX_PIXELS must be a whole number of pixels, got {value!r}") from None
 
 
-def load_image(image, max_pixels: int | None = None) -> np.ndarray:
+def load_image(image, max_pixels: int | None = None, name: str | None = None) -> np.ndarray:
     """Return the image as an HxWx3 uint8 RGB array (C-contiguous).
 
     Args:
@@ -40,20 +41,27 @@ def load_image(image, max_pixels: int | None = None) -> np.ndarray:
             (uint8 in [0, 255], uint16 in [0, 65535], or float in [0, 1]).
         max_pixels: refuse images with more pixels than this (default `DEFAULT_MAX_PIXELS`, or the
             environment variable OVSEG_MAX_PIXELS).
+        name: how error messages name the image (default: its path), e.g. the file name a user uploaded.
     """
     limit = max_pixels_default() if max_pixels is None else int(max_pixels)
     if isinstance(image, (str, Path)):
-        return _from_path(Path(image), limit)
+        return _from_path(Path(image), limit, name)
     if isinstance(image, Image.Image):
-        _check_size(image.size, limit, "the image")
-        return _pil_to_rgb(image, "the image")
+        name = name or "the image"
+        _check_size(image.size, limit, name)
+        try:
+            return _pil_to_rgb(image, name)
+        except (OSError, SyntaxError, ValueError) as exc:
+            if isinstance(exc, ImageError):
+                raise
+            raise ImageError(f"{name}: the image data is corrupt or truncated ({exc})") from None
     if isinstance(image, np.ndarray):
         return _from_array(image, limit)
     raise ImageError(f"expected an image path, a PIL image or a numpy array, got {type(image).__name__}")
 
 
-def _from_path(path: Path, limit: int) -> np.ndarray:
-    name = str(path)
+def _from_path(path: Path, limit: int, name: str | None = None) -> np.ndarray:
+    name = name or str(path)
     if not path.exists():
         raise ImageError(f"{name}: no such file")
     if path.is_dir():
@@ -68,8 +76,13 @@ def _from_path(path: Path, limit: int) -> np.ndarray:
                 _check_size(im.size, limit, name)
                 im.load()
                 return _pil_to_rgb(im, name)
-    except Image.DecompressionBombError:
-        raise ImageError(f"{name}: the image is too large to decode safely") from None
+    except Image.DecompressionBombError as exc:
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f" ({int(found.group(1)) / 1e6:.0f} MP)" if found else ""
+        raise ImageError(
+            f"{name}: image{size} is above {2 * Image.MAX_IMAGE_PIXELS / 1e6:.0f} MP, which PIL refuses to decode "
+            "(its decompression-bomb guard, beyond OVSEG_MAX_PIXELS); downscale it"
+        ) from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file PIL can read (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as exc:

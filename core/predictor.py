@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from ovseg.core.backbone import input_size, preprocess
-from ovseg.core.concepts import parse_concepts
+from ovseg.core.concepts import parse_concepts, parse_words
 from ovseg.core.errors import OvsegError
 from ovseg.core.image_io import load_image
 from ovseg.core.methods.base import ImageState, Method
@@ -37,6 +37,8 @@ class Predictor:
         max_pixels: refuse larger images (see `ovseg.core.image_io`).
         text_encoder_path: a local Hugging Face folder to use instead of the packaged MiniLM.
         method_options: {method name: {option: value}} passed to the method's constructor.
+
+    A Predictor holds the current image: threads that share one must serialise set_image + predict.
     """
 
     def __init__(
@@ -69,12 +71,13 @@ class Predictor:
             self._methods[name] = cls(self.models, **self.method_options.get(name, {}))
         return self._methods[name]
 
-    def set_image(self, image) -> None:
+    def set_image(self, image, name: str | None = None) -> None:
         """Decode and validate `image` (path, PIL image, or HWC array; see `load_image`) and cache its
-        backbone features. Raises `ImageError` with a message naming what was wrong."""
+        backbone features. Raises `ImageError` with a message naming what was wrong (and the image by
+        `name`, default its path)."""
         t0 = time.perf_counter()
-        rgb = load_image(image, self.max_pixels)
         self._state = None  # never leave the previous image's features behind a failed call
+        rgb = load_image(image, self.max_pixels, name)
         x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], self.long_side), self.device)
         with torch.no_grad():
             feats = self.models.backbone(x)
@@ -101,16 +104,13 @@ class Predictor:
 
         Args:
             concepts: "dog, frisbee, -person" or a list of words; words with a leading '-' are negatives.
-            negatives: more negative words (regions to exclude).
+            negatives: more negative words (regions to exclude): "dog, cat" or a list.
             caption: an optional caption of the image (used by the caption methods, ignored by others).
             methods: method names, or "cam,cls_saliency".
         """
         state = self._require_state()
-        positives, extra_negatives = parse_concepts(concepts)
-        neg_list = list(extra_negatives)
-        if negatives:
-            neg_list += [n for n in parse_concepts(list(negatives))[0] if n not in neg_list]
-        negs = tuple(n for n in neg_list if n not in positives)
+        positives, inline_negatives = parse_concepts(concepts)
+        negs = tuple(n for n in dict.fromkeys(inline_negatives + parse_words(negatives or ())) if n not in positives)
         if caption is not None and not isinstance(caption, str):
             raise OvsegError(f"caption must be a string, got {type(caption).__name__}")
         caption = caption.strip() or None if caption else None

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ovseg.core.errors import UnknownMethodError
+
 _METHODS: dict[str, type] = {}
 
 
 def register_method(name: str) -> Callable[[type], type]:
     """Class decorator: `@register_method("cam")`. Names are unique lower-case identifiers."""
-    if not name or not name.replace("_", "").isalnum() or name != name.lower():
+    if not (name.isascii() and name.isidentifier() and any(c.isalpha() for c in name)) or name != name.lower():
         raise ValueError(f"method names are lower-case identifiers, got {name!r}")
 
     def decorate(cls: type) -> type:
@@ -41,7 +43,7 @@ def get_method(name: str) -> type:
     try:
         return _METHODS[name]
     except KeyError:
-        raise KeyError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}") from None
+        raise UnknownMethodError(f"unknown method {name!r}; available: {', '.join(sorted(_METHODS))}") from None
 
 
 def parse_methods(spec: str | list[str] | tuple[str, ...]) -> list[str]:
@@ -49,7 +51,7 @@ def parse_methods(spec: str | list[str] | tuple[str, ...]) -> list[str]:
     names = [s.strip() for s in spec.split(",")] if isinstance(spec, str) else [str(s).strip() for s in spec]
     names = [n for n in names if n]
     if not names:
-        raise ValueError("no method named; available: " + ", ".join(available_methods()))
+        raise UnknownMethodError("no method named; available: " + ", ".join(available_methods()))
     out: list[str] = []
     for n in names:
         get_method(n)

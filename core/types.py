@@ -104,6 +104,9 @@ class PseudoLabel:
             _check_map("PseudoLabel.noise_map", self.noise_map, "float")
             if self.noise_map.shape != self.mask.shape:
                 raise ValueError("PseudoLabel.noise_map must have the mask's shape")
+            nm = self.noise_map
+            if not np.isfinite(nm).all() or nm.min() < 0.0 or nm.max() > 1.0:
+                raise ValueError("PseudoLabel.noise_map must hold finite values in [0, 1]")
         if self.reliability is not None:
             object.__setattr__(self, "reliability", _check_unit("PseudoLabel.reliability", self.reliability))
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.core.backbone import BackboneFeatures
+from ovseg.core.errors import OvsegError
 from ovseg.core.models import Models
 from ovseg.core.types import ConceptResult
 
@@ -41,6 +42,19 @@ class Method:
     def __init__(self, models: Models, **options):
         self.models = models
         self.options = options
+        self._threshold = float("nan")
+
+    @property
+    def threshold(self) -> float:
+        """The mask threshold in [0, 1]; may be changed between predict calls."""
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        value = float(value)
+        if not 0.0 <= value <= 1.0:
+            raise OvsegError(f"the {self.name} mask threshold must lie in [0, 1], got {value}")
+        self._threshold = value
 
     def predict(
         self, state: ImageState, concept: str, negatives: tuple[str, ...] = (), caption: str | None = None

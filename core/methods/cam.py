@@ -33,9 +33,7 @@ class CAM(Method):
 
     def __init__(self, models, threshold: float = DEFAULT_THRESHOLD, text_neighbours: int = TEXT_NEIGHBOURS):
         super().__init__(models, threshold=threshold, text_neighbours=text_neighbours)
-        if not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"threshold must lie in [0, 1], got {threshold}")
-        self.threshold = threshold
+        self.threshold = threshold  # validated by Method.threshold
         self.text_neighbours = text_neighbours
         self._relatives: dict[str, dict] = {}
 
@@ -63,8 +61,8 @@ class CAM(Method):
             state.cache["probs"] = torch.softmax(state.features.logits[0].float(), dim=0)
         a = rel["weights"] * state.cache["probs"][rel["classes"]]
         presence = float(a.sum().clamp(0.0, 1.0))
-        if float(a.sum()) < 1e-12:  # the image supports none of the classes: weigh them equally
-            a = rel["weights"]
+        if float(a.sum()) < 1e-12:  # the image supports none of the classes: weigh them by prior alone
+            a = rel["weights"] if float(rel["weights"].sum()) > 0 else torch.ones_like(rel["weights"])
         fc = self.models.backbone.classifier.weight  # (1000, 1280)
         v = (a[:, None] * fc[rel["classes"]]).sum(0) / a.sum()
         cam = torch.einsum("c,chw->hw", v, state.features.head[0].float()).clamp_min(0.0)
@@ -85,10 +83,10 @@ class CAM(Method):
         t0 = time.perf_counter()
         with torch.no_grad():
             cam, presence, facts = self._map(state, concept)
-            attention = upsample_map(cam, state.size)
+            attention = _unit_peak(upsample_map(cam, state.size))
             mask = attention >= self.threshold
             if negatives:
-                neg = np.max([upsample_map(self._map(state, n)[0], state.size) for n in negatives], axis=0)
+                neg = np.max([_unit_peak(upsample_map(self._map(state, n)[0], state.size)) for n in negatives], axis=0)
                 mask &= attention >= neg
         if not facts["wordnet_classes"]:
             facts["note"] = "no ImageNet relative in WordNet: the text encoder's nearest class names were used"
@@ -104,3 +102,9 @@ class CAM(Method):
             details=facts,
             ms=(time.perf_counter() - t0) * 1000.0,
         )
+
+
+def _unit_peak(attention: np.ndarray) -> np.ndarray:
+    """Rescale so that the maximum at image size is 1 (bilinear upsampling lowers the low-res peak)."""
+    peak = float(attention.max())
+    return attention / peak if peak > 0 else attention

@@ -1,0 +1,26 @@
+"""Shared fixtures: one loaded Predictor per test session (models load once, ~5 s on a CPU)."""
+
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
+
+
+@pytest.fixture(scope="session")
+def examples_dir() -> Path:
+    """assets/examples: cat.jpg, coffee.jpg, astronaut.jpg, grace_hopper.jpg."""
+    return EXAMPLES
+
+
+@pytest.fixture(scope="session")
+def predictor():
+    """One CPU Predictor for the whole session, its models loaded. Tests call set_image themselves; tests
+    that need a clean state or other method options build `Predictor(models=predictor.models, ...)`."""
+    from ovseg.core.predictor import Predictor
+
+    p = Predictor(device="cpu")
+    # Load the models up front so that a test's timing is its own work, not the first load.
+    p.models.backbone, p.models.text_encoder, p.models.class_name_embeddings
+    p.models.lexicon.imagenet_match("dog")
+    return p
