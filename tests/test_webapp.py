@@ -1,0 +1,243 @@
+"""The web app: its handlers directly, then the real app in Chromium (Playwright, offline)."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ovseg.app import webapp
+from ovseg.core.types import ConceptResult, Prediction, Prior
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "assets" / "examples"
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+START_TIMEOUT_S = 120
+SEGMENT_TIMEOUT_MS = 90_000  # the first click loads the models (about 10 s on a CPU)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_until_serving(url: str, proc: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"ovseg-app exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"ovseg-app did not answer on {url} within {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """The real app in a subprocess (CPU), started from a folder outside the checkout."""
+    work = tmp_path_factory.mktemp("webapp")
+    port = _free_port()
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(work / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
+    log_path = work / "server.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ovseg.app.webapp", "--port", str(port), "--device", "cpu"],
+            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        _wait_until_serving(url, proc, log_path)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert "Traceback" not in log_path.read_text(errors="replace"), log_path.read_text()[-4000:]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing in CI")
+        pytest.skip("Chromium not found: apt-get install chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, app_url):
+    context = browser.new_context(viewport={"width": 1400, "height": 900})
+    pg = context.new_page()
+    pg.set_default_timeout(30_000)
+    pg.goto(app_url)
+    pg.wait_for_selector("#segment-btn")
+    yield pg
+    context.close()
+
+
+def _upload(page, path: Path) -> None:
+    page.locator("#image input[type=file]").set_input_files(str(path))
+    page.wait_for_selector("#image img")  # the upload finished and the component holds a value
+
+
+def _type_words(page, text: str) -> None:
+    page.locator("#words textarea").fill(text)
+
+
+def _status(page) -> str:
+    return page.locator("#status").inner_text()
+
+
+def _screenshot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+@pytest.mark.browser
+def test_segment_shows_maps_masks_and_scores(page):
+    from playwright.sync_api import expect
+
+    _upload(page, EXAMPLES / "cat.jpg")
+    expect(page.locator("#status")).to_contain_text("cat.jpg")
+    _type_words(page, "cat, dog")
+    page.click("#segment-btn")
+    images = page.locator("#results .thumbnail-item img")
+    expect(images).to_have_count(4, timeout=SEGMENT_TIMEOUT_MS)
+    captions = page.locator("#results .caption-label").all_inner_texts()
+    assert [c.split(" · ")[:2] for c in captions] == [
+        ["cat", "attention"], ["cat", "mask"], ["dog", "attention"], ["dog", "mask"]
+    ], captions
+    assert re.search(r"score \d\.\d\d", captions[0]) and re.search(r"\d+ ms", captions[1]), captions
+    status = _status(page)
+    assert "cat" in status and re.search(r"presence score\s+0\.\d\d", status), status
+    assert "Egyptian cat" in status  # the method's details: the nearest ImageNet classes
+    page.wait_for_function(  # every overlay decoded before the screenshot
+        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    _screenshot(page, "app_segment.png")
+
+
+@pytest.mark.browser
+def test_bad_upload_gives_a_readable_message(page, tmp_path):
+    from playwright.sync_api import expect
+
+    fake = tmp_path / "holiday.png"
+    fake.write_text("this is a text file, not a PNG\n")
+    page.locator("#image input[type=file]").set_input_files(str(fake))
+    message = "holiday.png: not an image file"
+    expect(page.locator("#status")).to_contain_text("Error: " + message)  # named at upload time
+    expect(page.locator(".toast-body").get_by_text(message)).to_be_visible()
+    expect(page.locator("#image img")).to_have_count(0)  # the bad file is cleared, no broken preview
+    body = page.locator("body").inner_text()
+    assert "Traceback" not in body and "/gradio/" not in body, body
+    _screenshot(page, "app_bad_input.png")
+    _type_words(page, "dog")
+    page.click("#segment-btn")
+    expect(page.locator("#status")).to_contain_text("Upload an image or pick an example first")
+    expect(page.locator("#results .thumbnail-item img")).to_have_count(0)
+
+
+@pytest.mark.browser
+def test_missing_image_and_empty_words_are_explained(page):
+    from playwright.sync_api import expect
+
+    _type_words(page, "dog")
+    page.click("#segment-btn")
+    expect(page.locator("#status")).to_contain_text("Upload an image or pick an example first")
+    page.locator("#examples button.gallery-item").nth(2).click()  # coffee.jpg, through gr.Examples
+    page.wait_for_selector("#image img")
+    _type_words(page, " , -person")
+    page.click("#segment-btn")
+    expect(page.locator("#status")).to_contain_text("Error: no word to look for")
+    assert "Traceback" not in page.locator("body").inner_text()
+
+
+# The handlers called directly (no browser): every refusal is one readable line.
+
+
+@pytest.fixture(scope="module")
+def segment():
+    return webapp.make_handler(webapp.Engine(device="cpu"))
+
+
+def test_handler_names_a_bad_file_by_its_own_name(segment, tmp_path):
+    bad = tmp_path / "upload" / "holiday.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    payload = {"path": str(bad), "orig_name": "holiday.png"}
+    with pytest.warns(UserWarning, match="holiday.png"):
+        gallery, status = segment(payload, "dog", "", "cam", 0.4)
+    assert gallery == [] and status.startswith("**Error:** holiday.png: ") and str(tmp_path) not in status
+    with pytest.warns(UserWarning):
+        update, status = webapp.check_upload(payload)
+    assert update is None and "holiday.png" in status
+
+
+@pytest.mark.parametrize(
+    "image, words, method, threshold, expected",
+    [
+        (None, "dog", "cam", 0.4, webapp.NO_IMAGE),
+        ({"path": str(EXAMPLES / "cat.jpg")}, " , -person", "cam", 0.4, "no word to look for"),
+        ({"path": str(EXAMPLES / "cat.jpg")}, "dog", "cam", 1.5, "the threshold must lie in"),
+        ({"path": str(EXAMPLES / "cat.jpg")}, "dog", "nope", 0.4, "unknown method 'nope'"),
+    ],
+)
+def test_handler_refusals(segment, image, words, method, threshold, expected):
+    with pytest.warns(UserWarning):
+        gallery, status = segment(image, words, "", method, threshold)
+    assert gallery == [] and status.startswith("**Error:** ") and expected in status
+
+
+def test_handler_hides_unexpected_errors(monkeypatch, segment, caplog):
+    def boom(*args):
+        raise RuntimeError("internal detail")
+
+    monkeypatch.setattr(webapp.Engine, "run", boom)
+    with pytest.warns(UserWarning):
+        _, status = segment({"path": str(EXAMPLES / "cat.jpg")}, "dog", "", "cam", 0.4)
+    assert "internal detail" not in status and "server" in status
+    assert "internal detail" in caplog.text  # the traceback goes to the server log
+
+
+def test_gallery_and_summary_from_a_prediction():
+    image = np.full((20, 30, 3), 128, np.uint8)
+    attention = np.linspace(0, 1, 600, dtype=np.float32).reshape(20, 30)
+    result = ConceptResult("dog", "cam", attention > 0.5, 0.83, True, [Prior(attention, "cam", "dog", "attention", 0.83)],
+                           details={"top_classes": [("golden retriever", 0.5)], "known_to_wordnet": True}, ms=12.0)
+    out = Prediction((20, 30), [result], negatives=("person",))
+    items = webapp.gallery_items(out, image)
+    assert [caption for _, caption in items] == ["dog · attention · score 0.83", "dog · mask · 12 ms"]
+    assert all(a.shape == (20, 30, 3) and a.dtype == np.uint8 for a, _ in items)
+    text = webapp.summary(out, image, 5.0, "cpu")
+    assert "| presence score | 0.83 |" in text and "golden retriever (0.5)" in text and "person" in text
+
+
+def test_command_line():
+    args = webapp.parse_args([])
+    assert (args.host, args.device) == ("127.0.0.1", "auto")
+    with pytest.raises(SystemExit):
+        webapp.parse_args(["--share"])
+    assert webapp.default_threshold("cam") == pytest.approx(0.4)
+    assert [p.name for p in webapp.example_images()] == ["astronaut.jpg", "cat.jpg", "coffee.jpg", "grace_hopper.jpg"]
