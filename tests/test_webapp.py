@@ -239,5 +239,7 @@ def test_command_line():
     assert (args.host, args.device) == ("127.0.0.1", "auto")
     with pytest.raises(SystemExit):
         webapp.parse_args(["--share"])
-    assert webapp.default_threshold("cam") == pytest.approx(0.4)
+    from ovseg.core.methods.cam import DEFAULT_THRESHOLD
+
+    assert webapp.default_threshold("cam") == pytest.approx(DEFAULT_THRESHOLD)
     assert [p.name for p in webapp.example_images()] == ["astronaut.jpg", "cat.jpg", "coffee.jpg", "grace_hopper.jpg"]
