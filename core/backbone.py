@@ -70,6 +70,16 @@ def preprocess(image: np.ndarray, size_hw: tuple[int, int], device: torch.device
     return (x - 127.0) / 128.0
 
 
+def stage_ends(net: nn.Module) -> dict[int, int]:
+    """{output stride: index of the last block at that stride} of an EfficientNet, from its block strides."""
+    ends, stride = {}, 2  # the stem has stride 2
+    for i, block in enumerate(net._blocks):
+        s = block._block_args.stride
+        stride *= s[0] if isinstance(s, (list, tuple)) else s
+        ends[stride] = i
+    return ends
+
+
 class Backbone(nn.Module):
     """Wraps the classifier to return `BackboneFeatures`; frozen by default."""
 
@@ -79,17 +89,7 @@ class Backbone(nn.Module):
         self.frozen = frozen
         if frozen:
             self.net.requires_grad_(False)
-        # Indices of the blocks that end each stride (found from the block strides, not hard-coded).
-        self._stage_ends = self._find_stage_ends()
-
-    def _find_stage_ends(self) -> dict[int, int]:
-        ends, stride = {}, 2
-        for i, block in enumerate(self.net._blocks):
-            s = block._block_args.stride
-            s = s[0] if isinstance(s, (list, tuple)) else s
-            stride *= s
-            ends[stride] = i  # the last block seen at each stride
-        return ends
+        self._stage_ends = stage_ends(self.net)
 
     @property
     def classifier(self) -> nn.Linear:

@@ -42,6 +42,14 @@ class Models:
             return Backbone().to(self.device)
 
     @cached_property
+    def guided_net(self):
+        """The classifier with guided-backprop ReLU6s (a frozen copy), for saliency maps."""
+        from ovseg.core.saliency import guided_copy
+
+        with self._lock:
+            return guided_copy(self.backbone.net)
+
+    @cached_property
     def text_encoder(self):
         from ovseg.core.text_encoder import TextEncoder
 
