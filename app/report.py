@@ -63,7 +63,7 @@ _DEFAULT_PROTOCOL = (
     "Presence AP: per class, the image-level score of the concept ranks all images (positive: the class has "
     "an instance), non-interpolated AP averaged over classes; h is the harmonic mean of target and base.",
     "Timing: ms/image is the median of `set_image` (decode, resize, backbone, once per image); ms/concept the "
-    "median per word once the image is set; one forward of the CLIPSeg architecture (random weights) is timed "
+    "median per word (maps and mask, over the classes present) once the image is set; one forward of the CLIPSeg architecture (random weights) is timed "
     "in the same run as a reference, on the device listed above.",
 )
 

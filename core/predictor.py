@@ -93,6 +93,13 @@ class Predictor:
             raise OvsegError("no image set: call set_image(image) before predict()")
         return self._state
 
+    def presence(self, concepts, method: str = "cam", caption: str | None = None) -> dict[str, float]:
+        """{word: presence score in [0, 1]} of one method on the current image, without computing masks."""
+        state = self._require_state()
+        positives, _ = parse_concepts(concepts)
+        m = self.method(parse_methods([method])[0])
+        return {w: m.presence(state, w, caption) for w in positives}
+
     def predict(
         self,
         concepts,

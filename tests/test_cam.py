@@ -259,3 +259,11 @@ def test_coffee_cup(predictor, examples_dir):
     for r in out.results:
         assert r.mask.shape == (400, 600)
         assert 0.0 < r.mask.mean() < 0.95
+
+
+def test_presence_alone_equals_the_predicted_score(cat):
+    words = ["cat", "dog", "zorblax", "teddy bear"]
+    scores = cat.presence(words, "cam")
+    assert list(scores) == words
+    for w in words:
+        assert scores[w] == pytest.approx(cat.predict(w).get(w).score, abs=1e-7)

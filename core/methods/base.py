@@ -28,6 +28,13 @@ class ImageState:
     def size(self) -> tuple[int, int]:
         return self.image.shape[0], self.image.shape[1]
 
+    @property
+    def class_probs(self) -> torch.Tensor:
+        """(1000,) softmax of the classifier's logits on this image, computed once."""
+        if "class_probs" not in self.cache:
+            self.cache["class_probs"] = torch.softmax(self.features.logits[0].float(), dim=0)
+        return self.cache["class_probs"]
+
 
 class Method:
     """A segmentation method. Subclasses set `summary` and `trained`, and implement `predict`.
@@ -60,6 +67,10 @@ class Method:
         self, state: ImageState, concept: str, negatives: tuple[str, ...] = (), caption: str | None = None
     ) -> ConceptResult:
         raise NotImplementedError
+
+    def presence(self, state: ImageState, concept: str, caption: str | None = None) -> float:
+        """The presence score of `predict` alone; methods override it where it is cheaper than a mask."""
+        return self.predict(state, concept, (), caption).score
 
 
 def upsample_map(score_map: torch.Tensor, size: tuple[int, int]) -> np.ndarray:

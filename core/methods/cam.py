@@ -57,10 +57,7 @@ class CAM(Method):
 
     def _map(self, state: ImageState, word: str) -> tuple[torch.Tensor, float, dict]:
         """Low-resolution normalised CAM (h, w) in [0, 1], presence score, facts."""
-        rel = self.related_classes(word)
-        if "probs" not in state.cache:
-            state.cache["probs"] = torch.softmax(state.features.logits[0].float(), dim=0)
-        a = rel["weights"] * state.cache["probs"][rel["classes"]]
+        rel, a = self._class_weights(state, word)
         presence = float(a.sum().clamp(0.0, 1.0))
         if float(a.sum()) < 1e-12:  # the image supports none of the classes: weigh them by prior alone
             a = rel["weights"] if float(rel["weights"].sum()) > 0 else torch.ones_like(rel["weights"])
@@ -79,6 +76,14 @@ class CAM(Method):
             "known_to_wordnet": rel["wordnet"].known,
         }
         return cam, presence, facts
+
+    def _class_weights(self, state: ImageState, word: str) -> tuple[dict, torch.Tensor]:
+        """The word's related classes and their weights a_c = w_c * p_c on this image."""
+        rel = self.related_classes(word)
+        return rel, rel["weights"] * state.class_probs[rel["classes"]]
+
+    def presence(self, state, concept, caption=None) -> float:
+        return float(self._class_weights(state, concept)[1].sum().clamp(0.0, 1.0))
 
     def predict(self, state, concept, negatives=(), caption=None) -> ConceptResult:
         t0 = time.perf_counter()
