@@ -38,6 +38,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
     e.add_argument("--no-reference", action="store_true", help="skip timing the CLIPSeg architecture")
 
+    t = sub.add_parser("train", help="train a method's heads (writes a checkpoint folder)")
+    tsub = t.add_subparsers(dest="method", required=True)
+    from ovseg.train.cls_saliency import add_arguments as cls_saliency_arguments
+
+    cls_saliency_arguments(tsub.add_parser("cls_saliency", help="Golub et al.'s class-agnostic segmenter"))
+
     sub.add_parser("methods", help="list the available methods")
     return p
 
@@ -106,6 +112,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from ovseg.train import cls_saliency
+
+    out = {"cls_saliency": cls_saliency.run}[args.method](args)
+    print(f"wrote {out}/ (weights.pt, config.json, training.json)")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from ovseg.core.registry import available_methods, get_method
 
@@ -123,7 +137,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading progress bars
     from ovseg.core.errors import OvsegError
 
-    command = {"segment": cmd_segment, "eval": cmd_eval, "methods": cmd_methods}[args.command]
+    command = {"segment": cmd_segment, "eval": cmd_eval, "train": cmd_train, "methods": cmd_methods}[args.command]
     try:
         return command(args)
     except (OvsegError, ValueError, FileNotFoundError, NotADirectoryError) as exc:

@@ -257,3 +257,36 @@ class CocoConceptDataset:
         # keep gt in class order
         gt = {name: gt[name] for name in self.classes if name in gt}
         return ConceptTargets(gt=gt, valid=valid, crowd=crowd)
+
+
+def training_mask(dataset: CocoConceptDataset, image_id: int, name: str) -> np.ndarray:
+    """The training target of a base class on one image: HxW uint8, 1 on the class's instances, 255 on its
+    crowd regions (ignored by the loss), 0 elsewhere.
+
+    Only this class's annotations are decoded, after `assert_no_target_annotations`: no mask of another
+    class, and never one of a target class, is read. Unlabelled pixels count as background (0) here: a
+    segmenter that never sees a negative pixel learns to cover the whole image.
+    """
+    assert_no_target_annotations([name])
+    h, w = dataset.image_size(image_id)
+    target = np.zeros((h, w), dtype=np.uint8)
+    for ann in dataset._annotations(image_id):
+        if dataset._cat_name[ann["category_id"]] != name:
+            continue
+        mask = dataset.coco.annToMask(ann).astype(bool)
+        if ann.get("iscrowd", 0):
+            target[mask & (target == 0)] = 255
+        else:
+            target[mask] = 1
+    return target
+
+
+def base_training_pairs(dataset: CocoConceptDataset, image_ids: Iterable[int]) -> list[tuple[int, str]]:
+    """(image id, base class) for every base class with a non-crowd instance in each image."""
+    pairs = []
+    for image_id in image_ids:
+        for name in dataset.classes_present(image_id):
+            if name in BASE_CLASSES:
+                pairs.append((int(image_id), name))
+    assert_no_target_annotations({name for _, name in pairs})
+    return pairs

@@ -1,0 +1,237 @@
+"""`ovseg train cls_saliency`: the class-agnostic segmenter with attention channels of Golub et al.
+(seed 002, sec. 3.2), trained on the base classes of a COCO folder only.
+
+For every (image, base class present) pair of the training images: the class name's proxy labels and
+guided-backprop saliency maps S+ and S- (cached on disk, so a second run does not recompute them), the image
+normalised as the classifier expects, and the class's instance mask as the target (crowd regions ignored).
+Variants (the paper's ablation): sem0c (RGB only), sem1c (RGB + S+), sem2c_rand (S- from random labels),
+sem2c_neg (S- from the classifier's top unrelated labels: the method).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ovseg.core.backbone import input_size, preprocess
+from ovseg.core.cache import atomic_write_bytes, atomic_write_text, cache_dir
+from ovseg.core.models import Models
+from ovseg.core.proxy_labels import K, proxy_labels
+from ovseg.core.saliency import label_saliency, mean_saliency
+from ovseg.core.segmenter import ClassAgnosticSegmenter, SegmenterConfig, segmentation_loss
+from ovseg.train.coco import CocoConceptDataset, base_training_pairs, split_image_ids, training_mask
+
+log = logging.getLogger(__name__)
+
+VARIANTS = {  # name -> (input channels, negatives)
+    "sem0c": (3, "none"),
+    "sem1c": (4, "none"),
+    "sem2c_rand": (5, "random"),
+    "sem2c_neg": (5, "classifier"),
+}
+
+
+@dataclass
+class TrainConfig:
+    coco_dir: str
+    out: str
+    variant: str = "sem2c_neg"
+    mapper: str = "wordnet"
+    long_side: int = 448  # the predictor's input size: saliency maps are computed where they are used
+    train_size: int = 320  # pairs are resized to train_size x train_size squares to batch them
+    epochs: int = 6
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    holdout_fraction: float = 0.2
+    seed: int = 0
+    max_pairs: int | None = None
+    train_backbone: str = "stem"
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+
+
+def _load_raw_rgb(path: Path) -> np.ndarray:
+    from ovseg.app.evaluate import load_raw_rgb  # COCO masks are on the stored pixel grid
+
+    return load_raw_rgb(path)
+
+
+class SaliencyCache:
+    """S+ and S- of (image, class) pairs, stored as float16 .npz files under `root`."""
+
+    def __init__(self, root: Path, models: Models, mapper: str, long_side: int):
+        self.root, self.models, self.mapper, self.long_side = Path(root), models, mapper, long_side
+
+    def path(self, image_id: int, name: str, negatives: str) -> Path:
+        key = f"{self.mapper}-k{K}-{negatives}-{self.long_side}"
+        return self.root / key / f"{image_id}_{name.replace(' ', '_')}.npz"
+
+    def get_image(self, image_id: int, names: list[str], negatives: str, rgb_loader) -> dict[str, dict]:
+        """{name: entry} for the classes of one image; the image is decoded and its label maps computed
+        only for the entries not cached yet, and labels several classes share (negatives) only once."""
+        out = {}
+        missing = []
+        for name in names:
+            path = self.path(image_id, name, negatives)
+            if path.is_file():
+                with np.load(path) as z:
+                    out[name] = {k: z[k] for k in z.files}
+            else:
+                missing.append(name)
+        if missing:
+            rgb = rgb_loader()
+            x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], self.long_side), self.models.device)
+            with torch.no_grad():
+                probs = torch.softmax(self.models.backbone(x).logits[0], 0)
+            cache: dict = {}
+            for name in missing:
+                out[name] = self._compute(image_id, name, negatives, x, probs, cache)
+        return out
+
+    def _compute(self, image_id, name, negatives, x, probs, cache) -> dict:
+        proxies = proxy_labels(self.models, name, probs, self.mapper, K, negatives, seed=image_id)
+        maps = label_saliency(self.models.guided_net, cache, x, proxies.positive + proxies.negative)
+        shape = tuple(x.shape[-2:])
+        out = {
+            "pos": mean_saliency(maps, proxies.positive, shape).cpu().numpy().astype(np.float16),
+            "neg": mean_saliency(maps, proxies.negative, shape).cpu().numpy().astype(np.float16),
+            "positive": np.array(proxies.positive, dtype=np.int32),
+            "negative": np.array(proxies.negative, dtype=np.int32),
+        }
+        buf = io.BytesIO()
+        np.savez(buf, **out)
+        atomic_write_bytes(self.path(image_id, name, negatives), buf.getvalue())
+        return out
+
+
+def _sample(dataset, image_id, name, entry, cfg: TrainConfig, in_channels: int, flip: bool):
+    """-> (in_channels, S, S) input and (S, S) long target at the training size."""
+    rgb = _load_raw_rgb(dataset.image_path(image_id))
+    hw = input_size(rgb.shape[0], rgb.shape[1], cfg.long_side)
+    x = preprocess(rgb, hw, torch.device("cpu"))[0]
+    channels = [x]
+    if in_channels >= 4:
+        channels.append(torch.from_numpy(entry["pos"].astype(np.float32))[None])
+    if in_channels == 5:
+        channels.append(torch.from_numpy(entry["neg"].astype(np.float32))[None])
+    x = torch.cat(channels)[None]
+    size = (cfg.train_size, cfg.train_size)
+    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
+    target = torch.from_numpy(training_mask(dataset, image_id, name).astype(np.int64))[None, None].float()
+    target = F.interpolate(target, size=size, mode="nearest")[0, 0].long()
+    if flip:
+        x, target = x.flip(-1), target.flip(-1)
+    return x, target
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Train one variant; write weights.pt, config.json and training.json into cfg.out/<variant>/."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    in_channels, negatives = VARIANTS[cfg.variant]
+    dataset = CocoConceptDataset(cfg.coco_dir)
+    train_ids, held_ids = split_image_ids(dataset.image_ids, cfg.holdout_fraction, cfg.seed)
+    pairs = base_training_pairs(dataset, train_ids)
+    if cfg.max_pairs:
+        pairs = rng.sample(pairs, min(cfg.max_pairs, len(pairs)))
+    if not pairs:
+        raise ValueError(f"no (image, base class) pair to train on in {cfg.coco_dir}")
+
+    models = Models("cpu")
+    cache = SaliencyCache(cache_dir() / "saliency", models, cfg.mapper, cfg.long_side)
+    by_image: dict[int, list[str]] = {}
+    for image_id, name in pairs:
+        by_image.setdefault(image_id, []).append(name)
+    entries = {}
+    t0 = time.perf_counter()
+    for image_id, names in tqdm(by_image.items(), desc="saliency maps", unit="img", disable=not progress):
+        got = cache.get_image(image_id, names, negatives if in_channels == 5 else "none",
+                              lambda i=image_id: _load_raw_rgb(dataset.image_path(i)))
+        entries.update({(image_id, n): e for n, e in got.items()})
+    saliency_s = time.perf_counter() - t0
+
+    seg_cfg = SegmenterConfig(in_channels=in_channels, train_backbone=cfg.train_backbone)
+    model = ClassAgnosticSegmenter.from_package(seg_cfg, torch.Generator().manual_seed(cfg.seed))
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * ((len(pairs) + cfg.batch_size - 1) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
+    losses, t1 = [], time.perf_counter()
+    bar = tqdm(total=steps, desc=f"train {cfg.variant}", unit="step", disable=not progress)
+    model.train()
+    for epoch in range(cfg.epochs):
+        order = pairs[:]
+        rng.shuffle(order)
+        for b in range(0, len(order), cfg.batch_size):
+            batch = [_sample(dataset, i, n, entries[(i, n)], cfg, in_channels, rng.random() < 0.5)
+                     for i, n in order[b : b + cfg.batch_size]]
+            x = torch.stack([s[0] for s in batch])
+            y = torch.stack([s[1] for s in batch])
+            loss = segmentation_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-20:]):.3f}")
+    bar.close()
+    return _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, time.perf_counter() - t1)
+
+
+def _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, train_s) -> Path:
+    out = Path(cfg.out) / cfg.variant
+    buf = io.BytesIO()
+    torch.save(model.state_dict_small(), buf)
+    classes: dict[str, int] = {}
+    for _, name in pairs:
+        classes[name] = classes.get(name, 0) + 1
+    summary = {
+        "data": {"coco_dir": str(Path(cfg.coco_dir).resolve()), "pairs": len(pairs),
+                 "train_images": len(train_ids), "held_out_images": len(held_ids),
+                 "held_out_ids_sha1": hashlib.sha1(json.dumps(held_ids).encode()).hexdigest(),
+                 "pairs_per_class": dict(sorted(classes.items())),
+                 "classes": "base classes only (DESIGN.md split); no target-class mask is read"},
+        "loss": {"first_20": float(np.mean(losses[:20])), "last_20": float(np.mean(losses[-20:])),
+                 "steps": len(losses), "curve_every_10": [round(float(np.mean(losses[i:i + 10])), 4)
+                                                          for i in range(0, len(losses), 10)]},
+        "seconds": {"saliency_maps": round(saliency_s, 1), "training": round(train_s, 1)},
+        "torch": torch.__version__,
+    }
+    atomic_write_bytes(out / "weights.pt", buf.getvalue())
+    atomic_write_text(out / "config.json", json.dumps({"segmenter": seg_cfg.to_dict(), "train": asdict(cfg)},
+                                                      indent=2) + "\n")
+    atomic_write_text(out / "training.json", json.dumps(summary, indent=2) + "\n")
+    log.info("saved %s (loss %.3f -> %.3f)", out, summary["loss"]["first_20"], summary["loss"]["last_20"])
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coco", default="../shared/data/coco_dev", help="COCO folder (images/, instances.json)")
+    p.add_argument("--out", default="assets/checkpoints/cls_saliency", help="checkpoint folder")
+    p.add_argument("--variant", default="sem2c_neg", choices=sorted(VARIANTS))
+    p.add_argument("--mapper", default="wordnet", choices=("wordnet", "text"))
+    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--max-pairs", type=int, default=None, help="train on a random subset (quick runs)")
+
+
+def run(args) -> Path:
+    cfg = TrainConfig(coco_dir=args.coco, out=args.out, variant=args.variant, mapper=args.mapper,
+                      epochs=args.epochs, batch_size=args.batch_size, max_pairs=args.max_pairs)
+    return train(cfg)
