@@ -20,6 +20,9 @@ Drop-connect is off (as in `Backbone`). BatchNorm in the ASPP pooling branch nee
 from __future__ import annotations
 
 import copy
+import json
+from importlib import resources
+from pathlib import Path
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -261,3 +264,20 @@ def segmentation_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tenso
 def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
     """logits (B, 2, H, W) -> foreground probability (B, H, W) in [0, 1] (softmax channel 1)."""
     return torch.softmax(logits, dim=1)[:, 1]
+
+
+def packaged_checkpoint(variant: str = "sem2c_neg") -> Path:
+    """The folder of a segmenter shipped in assets/checkpoints/cls_saliency/."""
+    return Path(str(resources.files("ovseg.assets").joinpath("checkpoints", "cls_saliency", variant)))
+
+
+def load_segmenter(folder: str | Path, device: torch.device) -> ClassAgnosticSegmenter:
+    """A segmenter from `folder` (config.json + weights.pt, as `ovseg train cls_saliency` writes them)."""
+    folder = Path(folder)
+    if not (folder / "weights.pt").is_file() or not (folder / "config.json").is_file():
+        raise ModelError(f"{folder}: no trained segmenter (weights.pt + config.json); "
+                         "run `ovseg train cls_saliency` to make one")
+    config = SegmenterConfig.from_dict(json.loads((folder / "config.json").read_text())["segmenter"])
+    model = ClassAgnosticSegmenter.from_package(config)
+    model.load_state_dict_small(torch.load(folder / "weights.pt", map_location="cpu", weights_only=True))
+    return model.eval().to(device)

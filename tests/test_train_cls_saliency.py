@@ -38,7 +38,7 @@ def test_pairs_hold_base_classes_only(dataset):
 
 
 def test_a_short_training_run_reads_no_target_mask_and_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
-    from ovseg.core.methods.cls_saliency import load_segmenter
+    from ovseg.core.segmenter import load_segmenter
     from ovseg.train.cls_saliency import TrainConfig, train
 
     monkeypatch.setenv("OVSEG_CACHE_DIR", str(tmp_path / "cache"))
