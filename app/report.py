@@ -30,13 +30,12 @@ import io
 import json
 import logging
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 
+from ovseg.core.cache import atomic_write_bytes
 from ovseg.train.coco import BASE_CLASSES, TARGET_CLASSES
 
 logger = logging.getLogger(__name__)
@@ -63,8 +62,8 @@ _DEFAULT_PROTOCOL = (
     "Presence AP: per class, the image-level score of the concept ranks all images (positive: the class has "
     "an instance), non-interpolated AP averaged over classes; h is the harmonic mean of target and base.",
     "Timing: ms/image is the median of `set_image` (decode, resize, backbone, once per image); ms/concept the "
-    "median per word (maps and mask, over the classes present) once the image is set; one forward of the CLIPSeg architecture (random weights) is timed "
-    "in the same run as a reference, on the device listed above.",
+    "median per word (maps and mask, over the classes present) once the image is set; one forward of the "
+    "CLIPSeg architecture (random weights) is timed in the same run as a reference, on the device listed above.",
 )
 
 
@@ -332,7 +331,9 @@ def _interpolated_precision(precision, recall, grid: np.ndarray) -> np.ndarray |
     precision = np.asarray(precision, dtype=np.float64).reshape(-1)
     recall = np.asarray(recall, dtype=np.float64).reshape(-1)
     if precision.shape != recall.shape or precision.size == 0:
-        raise ValueError(f"a PR curve needs precision and recall of equal length, got {precision.shape} and {recall.shape}")
+        raise ValueError(
+            f"a PR curve needs precision and recall of equal length, got {precision.shape} and {recall.shape}"
+        )
     keep = np.isfinite(precision) & np.isfinite(recall)
     if not keep[:-1].any():
         return None
@@ -405,24 +406,6 @@ def _plot_presence_pr(metrics: Mapping, pr_curves: Mapping[str, Mapping]) -> byt
 # ---------------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write bytes to path through a temp file in the same folder and os.replace (never a half file)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; a report is meant to be read
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_report(out_dir, metrics: Mapping, pr_curves: Mapping[str, Mapping] | None = None) -> dict[str, Path]:
     """Write metrics.json, report.md, per_class_iou.png and presence_pr.png into out_dir (created if missing).
 
@@ -451,10 +434,10 @@ def write_report(out_dir, metrics: Mapping, pr_curves: Mapping[str, Mapping] | N
     }
 
     payload = json.dumps(_to_jsonable(metrics), indent=2, allow_nan=False) + "\n"
-    _atomic_write(paths["metrics"], payload.encode("utf-8"))
-    _atomic_write(paths["per_class_iou"], _plot_per_class_iou(methods))
-    _atomic_write(paths["presence_pr"], _plot_presence_pr(metrics, pr_curves))
+    atomic_write_bytes(paths["metrics"], payload.encode("utf-8"))
+    atomic_write_bytes(paths["per_class_iou"], _plot_per_class_iou(methods))
+    atomic_write_bytes(paths["presence_pr"], _plot_presence_pr(metrics, pr_curves))
     relative = {key: path.name for key, path in paths.items()}
-    _atomic_write(paths["report"], _report_markdown(metrics, relative).encode("utf-8"))
+    atomic_write_bytes(paths["report"], _report_markdown(metrics, relative).encode("utf-8"))
     logger.info("report written to %s", out_dir)
     return paths
