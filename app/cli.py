@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
 
     cls_saliency_arguments(tsub.add_parser("cls_saliency", help="Golub et al.'s class-agnostic segmenter"))
 
+    x = sub.add_parser("proxies", help="the ImageNet classes each mapper relates to words (Golub et al.'s Table 2)")
+    x.add_argument("words", nargs="+", help="words, e.g. car dog sofa")
+    x.add_argument("-k", type=int, default=5, help="proxy labels per word and mapper (default 5)")
+
     sub.add_parser("methods", help="list the available methods")
     return p
 
@@ -57,7 +61,7 @@ def _threshold_options(methods: list[str], threshold: float | None) -> dict:
 
 
 def cmd_segment(args) -> int:
-    from ovseg.app.render import colour, heatmap_overlay, mask_overlay, save_png, slug
+    from ovseg.app.render import colour, mask_overlay, prior_overlay, save_png, slug
     from ovseg.core.cache import atomic_write_text
     from ovseg.core.concepts import parse_concepts
     from ovseg.core.predictor import Predictor
@@ -84,7 +88,7 @@ def cmd_segment(args) -> int:
         save_png(out / files["mask_overlay"], mask_overlay(image, r.mask, tuple(colour(i))))
         for prior in r.priors:
             files[prior.kind] = f"{stem}_{prior.kind}.png"
-            save_png(out / files[prior.kind], heatmap_overlay(image, prior.map))
+            save_png(out / files[prior.kind], prior_overlay(image, prior.map, prior.kind)[0])
         area = float(r.mask.mean())
         summary["results"].append({"word": r.concept, "method": r.method, "score": round(r.score, 5),
                                    "present": bool(r.present), "mask_area": round(area, 5),
@@ -120,6 +124,32 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_proxies(args) -> int:
+    """Without an image there is no likelihood to prune by: WordNet's related classes are listed nearest to
+    the word (by the text encoder) first, as the paper's Table 2 orders them by semantic similarity."""
+    from ovseg.core.imagenet import imagenet_classes
+    from ovseg.core.models import Models
+    from ovseg.core.proxy_labels import text_related, wordnet_related
+
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1, got {args.k}")
+    models = Models("cpu")
+    names = [c.name for c in imagenet_classes()]
+    print(f"| word | WordNet proxy labels (ours) | text-encoder proxy labels |\n|---|---|---|")
+    for word in args.words:
+        related, source = wordnet_related(models.lexicon, word)
+        if related:
+            sims = models.class_name_embeddings[list(related)] @ models.embed_words([word])[0]
+            ranked = [related[i] for i in sims.argsort(descending=True)[: args.k].tolist()]
+            wn = ", ".join(names[i] for i in ranked) + (f" ({len(related)} related)" if len(related) > args.k else "")
+            wn += " (via hypernym)" if source == "wordnet-hypernym" else ""
+        else:
+            wn = "none: falls back to the text encoder"
+        text = ", ".join(names[i] for i in text_related(models, word, args.k))
+        print(f"| {word} | {wn} | {text} |")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from ovseg.core.registry import available_methods, get_method
 
@@ -137,7 +167,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading progress bars
     from ovseg.core.errors import OvsegError
 
-    command = {"segment": cmd_segment, "eval": cmd_eval, "train": cmd_train, "methods": cmd_methods}[args.command]
+    command = {"segment": cmd_segment, "eval": cmd_eval, "train": cmd_train, "proxies": cmd_proxies,
+               "methods": cmd_methods}[args.command]
     try:
         return command(args)
     except (OvsegError, ValueError, FileNotFoundError, NotADirectoryError) as exc:

@@ -34,6 +34,18 @@ def heatmap_overlay(image: np.ndarray, prior_map: np.ndarray, alpha: float = 0.5
     return cv2.addWeighted(image, 1.0 - alpha, heatmap(prior_map), alpha, 0.0)
 
 
+# Guided-backprop saliency is sparse (a few edge pixels near 1, most near 0): shown through a square root so
+# that its structure is visible; the stretch is monotone and the caption says so.
+STRETCHED_KINDS = {"saliency_positive": "√", "saliency_negative": "√"}
+
+
+def prior_overlay(image: np.ndarray, prior_map: np.ndarray, kind: str) -> tuple[np.ndarray, str]:
+    """The overlay people see for a prior of `kind`, and a note for its caption ("" or "√ scale")."""
+    if kind in STRETCHED_KINDS:
+        return heatmap_overlay(image, np.sqrt(prior_map)), "√ scale"
+    return heatmap_overlay(image, prior_map), ""
+
+
 def mask_overlay(image: np.ndarray, mask: np.ndarray, rgb=(230, 25, 75), alpha: float = 0.45) -> np.ndarray:
     """Tint the mask's pixels and draw its outline; the rest of the image is dimmed slightly."""
     out = (image.astype(np.float32) * 0.8).astype(np.uint8)

@@ -51,6 +51,11 @@ def example_images() -> list[Path]:
     return sorted(folder.glob("*.jpg"))
 
 
+def has_grabcut(method: str) -> bool:
+    """Whether the method has GrabCut post-processing to switch (a `grabcut` constructor argument)."""
+    return "grabcut" in inspect.signature(get_method(method)).parameters
+
+
 def default_threshold(method: str) -> float | None:
     """The method's default mask threshold (its constructor's default), None if it has none."""
     param = inspect.signature(get_method(method)).parameters.get("threshold")
@@ -76,7 +81,7 @@ class Engine:
             log.info("models loaded in %.1f s", self._predictor.models.load())
         return self._predictor
 
-    def run(self, path: str, words: str, caption: str, method: str, threshold: float):
+    def run(self, path: str, words: str, caption: str, method: str, threshold: float, grabcut: bool = True):
         """-> (Prediction, RGB image, set_image ms or None when the image was already set, device)."""
         with self._lock:
             predictor = self._get()
@@ -88,6 +93,10 @@ class Engine:
             instance = predictor.method(method)
             if hasattr(instance, "threshold"):
                 instance.threshold = threshold
+            if has_grabcut(method):
+                from ovseg.core.grabcut import GrabCutConfig
+
+                instance.grabcut = GrabCutConfig(enabled=grabcut)
             out = predictor.predict(words, caption=caption, methods=[method])
             return out, predictor.image, set_ms, str(predictor.device)
 
@@ -101,14 +110,16 @@ def _check_threshold(value) -> float:
 
 def gallery_items(out, image) -> list[tuple]:
     """Per word: each prior as a heatmap overlay, then the mask overlay, with readable captions."""
-    from ovseg.app.render import colour, heatmap_overlay, mask_overlay
+    from ovseg.app.render import colour, mask_overlay, prior_overlay
 
     words = list(dict.fromkeys(r.concept for r in out.results))
     items = []
     for r in out.results:
         for prior in r.priors:
             score = r.score if math.isnan(prior.score) else prior.score
-            items.append((heatmap_overlay(image, prior.map), f"{r.concept} · {prior.kind} · score {score:.2f}"))
+            overlay, note = prior_overlay(image, prior.map, prior.kind)
+            kind = prior.kind.replace("_", " ") + (f" ({note})" if note else "")
+            items.append((overlay, f"{r.concept} · {kind} · score {score:.2f}"))
         rgb = tuple(int(c) for c in colour(words.index(r.concept)))
         items.append((mask_overlay(image, r.mask, rgb), f"{r.concept} · mask · {r.ms:.0f} ms"))
     return items
@@ -195,7 +206,7 @@ def check_upload(image):
 def make_handler(engine: Engine):
     """The Segment handler: raw gradio payloads in, (gallery items, status Markdown) out; never raises."""
 
-    def segment(image, words, caption, method, threshold):
+    def segment(image, words, caption, method, threshold, grabcut=True):
         image = image or {}
         try:
             if not image.get("path"):
@@ -204,7 +215,7 @@ def make_handler(engine: Engine):
                 raise OvsegError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
             parse_concepts(words or "")  # a bad word list is refused before any model loads
             out, rgb, set_ms, device = engine.run(
-                image["path"], words or "", caption or "", method, _check_threshold(threshold)
+                image["path"], words or "", caption or "", method, _check_threshold(threshold), bool(grabcut)
             )
             return gallery_items(out, rgb), summary(out, rgb, set_ms, device)
         except Exception as exc:
@@ -237,14 +248,20 @@ def build_app(predictor=None, device: str = "auto"):
                 with gr.Row():
                     method = gr.Dropdown(methods, value=first, label="Method", elem_id="method")
                     threshold = _threshold_slider(gr, first)
+                grabcut = gr.Checkbox(True, label="GrabCut post-processing", elem_id="grabcut",
+                                      visible=has_grabcut(first),
+                                      info="off: the segmenter's probability >= the mask threshold")
                 button = gr.Button("Segment", variant="primary", elem_id="segment-btn")
             with gr.Column(scale=3, min_width=360):
                 gallery = gr.Gallery(label="Results", elem_id="results", columns=2, interactive=False,
                                      object_fit="contain", height="auto")
                 status = gr.Markdown(READY, elem_id="status")
         image.upload(check_upload, image, [image, status], preprocess=False)
-        method.change(lambda name: _threshold_slider(gr, name, render=False), method, threshold)
-        inputs, outputs = [image, words, caption, method, threshold], [gallery, status]
+        def method_changed(name):
+            return _threshold_slider(gr, name, render=False), gr.Checkbox(visible=has_grabcut(name))
+
+        method.change(method_changed, method, [threshold, grabcut])
+        inputs, outputs = [image, words, caption, method, threshold, grabcut], [gallery, status]
         gr.on([button.click, words.submit], make_handler(engine), inputs, outputs, preprocess=False)
     return demo
 

@@ -130,3 +130,12 @@ def test_eval_on_coco_dev_writes_report(tmp_path):
         assert (out / name).stat().st_size > 500
     assert "cam" in proc.stdout and "mIoU" in proc.stdout
     assert "eval:" in proc.stderr  # the progress bar (rate, ETA) goes to stderr
+
+
+def test_proxies_prints_the_mapper_comparison_table():
+    proc = run_cli("proxies", "sofa", "tv", "puppy")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines()[2:]}
+    assert "studio couch" in rows["sofa"].split(" | ")[1]
+    assert "falls back to the text encoder" in rows["tv"] and "television" in rows["tv"].split(" | ")[2]
+    assert "via hypernym" in rows["puppy"]

@@ -140,6 +140,30 @@ def test_segment_shows_maps_masks_and_scores(page):
 
 
 @pytest.mark.browser
+def test_saliency_method_shows_both_priors_proxy_labels_and_a_grabcut_switch(page):
+    from playwright.sync_api import expect
+
+    _upload(page, EXAMPLES / "cat.jpg")
+    expect(page.locator("#grabcut")).to_be_hidden()  # cam has no GrabCut step
+    page.locator("#method input").click()
+    page.get_by_role("option", name="cls_saliency").click()
+    expect(page.locator("#grabcut")).to_be_visible()
+    _type_words(page, "cat")
+    page.click("#segment-btn")
+    expect(page.locator("#results .thumbnail-item img")).to_have_count(4, timeout=SEGMENT_TIMEOUT_MS)
+    captions = page.locator("#results .caption-label").all_inner_texts()
+    assert [c.split(" · ")[1] for c in captions] == [
+        "saliency positive (√ scale)", "saliency negative (√ scale)", "probability", "mask"
+    ], captions
+    status = _status(page)
+    assert "positive proxies" in status and "negative proxies" in status and "cat" in status, status
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    _screenshot(page, "app_cls_saliency.png")
+
+
+@pytest.mark.browser
 def test_bad_upload_gives_a_readable_message(page, tmp_path):
     from playwright.sync_api import expect
 

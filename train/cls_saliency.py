@@ -71,27 +71,31 @@ def _load_raw_rgb(path: Path) -> np.ndarray:
 
 
 class SaliencyCache:
-    """S+ and S- of (image, class) pairs, stored as float16 .npz files under `root`."""
+    """S+ and S- of (image, class) pairs, as float16 .npy files under `root`: S+ once per pair, shared by
+    every variant; S- per kind of negatives ("classifier", "random")."""
 
     def __init__(self, root: Path, models: Models, mapper: str, long_side: int):
-        self.root, self.models, self.mapper, self.long_side = Path(root), models, mapper, long_side
+        self.root = Path(root) / f"{mapper}-k{K}-{long_side}"
+        self.models, self.mapper, self.long_side = models, mapper, long_side
 
-    def path(self, image_id: int, name: str, negatives: str) -> Path:
-        key = f"{self.mapper}-k{K}-{negatives}-{self.long_side}"
-        return self.root / key / f"{image_id}_{name.replace(' ', '_')}.npz"
+    def path(self, kind: str, image_id: int, name: str) -> Path:
+        """kind: "pos", or "neg-classifier" / "neg-random"."""
+        return self.root / kind / f"{image_id}_{name.replace(' ', '_')}.npy"
 
     def get_image(self, image_id: int, names: list[str], negatives: str, rgb_loader) -> dict[str, dict]:
-        """{name: entry} for the classes of one image; the image is decoded and its label maps computed
-        only for the entries not cached yet, and labels several classes share (negatives) only once."""
-        out = {}
+        """{name: {"pos": S+, "neg": S- (when negatives is not "none")}} for the classes of one image. The
+        image is decoded, and label maps computed, only for what is not cached yet; labels several classes
+        share (the negatives) are computed once."""
+        kinds = ["pos"] + ([f"neg-{negatives}"] if negatives != "none" else [])
+        out: dict[str, dict] = {name: {} for name in names}
         missing = []
         for name in names:
-            path = self.path(image_id, name, negatives)
-            if path.is_file():
-                with np.load(path) as z:
-                    out[name] = {k: z[k] for k in z.files}
-            else:
-                missing.append(name)
+            for kind in kinds:
+                path = self.path(kind, image_id, name)
+                if path.is_file():
+                    out[name][kind.split("-")[0]] = np.load(path)
+                elif name not in missing:
+                    missing.append(name)
         if missing:
             rgb = rgb_loader()
             x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], self.long_side), self.models.device)
@@ -99,22 +103,16 @@ class SaliencyCache:
                 probs = torch.softmax(self.models.backbone(x).logits[0], 0)
             cache: dict = {}
             for name in missing:
-                out[name] = self._compute(image_id, name, negatives, x, probs, cache)
-        return out
-
-    def _compute(self, image_id, name, negatives, x, probs, cache) -> dict:
-        proxies = proxy_labels(self.models, name, probs, self.mapper, K, negatives, seed=image_id)
-        maps = label_saliency(self.models.guided_net, cache, x, proxies.positive + proxies.negative)
-        shape = tuple(x.shape[-2:])
-        out = {
-            "pos": mean_saliency(maps, proxies.positive, shape).cpu().numpy().astype(np.float16),
-            "neg": mean_saliency(maps, proxies.negative, shape).cpu().numpy().astype(np.float16),
-            "positive": np.array(proxies.positive, dtype=np.int32),
-            "negative": np.array(proxies.negative, dtype=np.int32),
-        }
-        buf = io.BytesIO()
-        np.savez(buf, **out)
-        atomic_write_bytes(self.path(image_id, name, negatives), buf.getvalue())
+                proxies = proxy_labels(self.models, name, probs, self.mapper, K, negatives, seed=image_id)
+                for kind, labels in (("pos", proxies.positive), (f"neg-{negatives}", proxies.negative)):
+                    if kind not in kinds or kind.split("-")[0] in out[name]:
+                        continue
+                    maps = label_saliency(self.models.guided_net, cache, x, labels)
+                    arr = mean_saliency(maps, labels, tuple(x.shape[-2:])).cpu().numpy().astype(np.float16)
+                    buf = io.BytesIO()
+                    np.save(buf, arr)
+                    atomic_write_bytes(self.path(kind, image_id, name), buf.getvalue())
+                    out[name][kind.split("-")[0]] = arr
         return out
 
 
