@@ -139,7 +139,7 @@ def cmd_proxies(args) -> int:
     for word in args.words:
         related, source = wordnet_related(models.lexicon, word)
         if related:
-            sims = models.class_name_embeddings[list(related)] @ models.embed_words([word])[0]
+            sims = models.class_similarity(word)[list(related)]
             ranked = [related[i] for i in sims.argsort(descending=True)[: args.k].tolist()]
             wn = ", ".join(names[i] for i in ranked) + (f" ({len(related)} related)" if len(related) > args.k else "")
             wn += " (via hypernym)" if source == "wordnet-hypernym" else ""

@@ -77,6 +77,10 @@ class Models:
                 self._word_cache[w] = e
         return torch.stack([self._word_cache[w] for w in words])
 
+    def class_similarity(self, word: str) -> torch.Tensor:
+        """(1000,) cosine similarity of a word to each ImageNet class name in the text encoder's space."""
+        return self.class_name_embeddings @ self.embed_words([word])[0]
+
     @cached_property
     def class_name_embeddings(self) -> torch.Tensor:
         """(1000, D) unit-norm embeddings of the ImageNet class names, cached on disk per text encoder."""

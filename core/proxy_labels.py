@@ -68,8 +68,7 @@ def wordnet_related(lexicon: Lexicon, word: str) -> tuple[tuple[int, ...], str]:
 
 def text_related(models: Models, word: str, k: int = K) -> tuple[int, ...]:
     """The k ImageNet classes whose names are nearest to the word in the text encoder's space."""
-    sims = models.class_name_embeddings @ models.embed_words([word])[0]
-    return tuple(torch.topk(sims, k).indices.tolist())
+    return tuple(torch.topk(models.class_similarity(word), k).indices.tolist())
 
 
 def proxy_labels(

@@ -43,8 +43,7 @@ class CAM(Method):
         if word not in self._relatives:
             models = self.models
             match = models.lexicon.imagenet_match(word)
-            sims = models.class_name_embeddings @ models.embed_words([word])[0]
-            top = torch.topk(sims, self.text_neighbours)
+            top = torch.topk(models.class_similarity(word), self.text_neighbours)
             weights = {c: 1.0 for c in match.classes}
             text = []
             for s, c in zip(top.values.tolist(), top.indices.tolist()):
