@@ -124,6 +124,7 @@ class Lexicon:
 
     def __init__(self):
         self._ancestors: list[frozenset] | None = None
+        self._class_of: dict[str, int] = {}
 
     @property
     def wn(self):
@@ -155,13 +156,19 @@ class Lexicon:
     def _imagenet_ancestors(self) -> list[frozenset]:
         if self._ancestors is None:
             wn = self.wn
-            out = []
+            out, class_of = [], {}
             for cls in imagenet_classes():
                 syn = wn.synset_from_pos_and_offset("n", cls.offset)
                 up = syn.closure(lambda s: s.hypernyms() + s.instance_hypernyms())
                 out.append(frozenset([syn.name(), *(s.name() for s in up)]))
-            self._ancestors = out
+                class_of[syn.name()] = cls.index
+            self._ancestors, self._class_of = out, class_of
         return self._ancestors
+
+    def imagenet_class_of(self, synset) -> int | None:
+        """The index of the ImageNet class whose synset this is, None if it is not a class."""
+        self._imagenet_ancestors()
+        return self._class_of.get(synset if isinstance(synset, str) else synset.name())
 
     def imagenet_descendants(self, synset) -> tuple[int, ...]:
         """Indices of ImageNet classes whose synset is `synset` or one of its hyponyms."""

@@ -50,14 +50,13 @@ def wordnet_related(lexicon: Lexicon, word: str) -> tuple[tuple[int, ...], str]:
     senses = lexicon.noun_synsets(word)
     if not senses:
         return (), "wordnet"
-    class_of = {lexicon.wn.synset_from_pos_and_offset("n", c.offset).name(): c.index for c in imagenet_classes()}
     related: set[int] = set()
     for sense in senses:
         related.update(lexicon.imagenet_descendants(sense))
         frontier = [sense]
         for _ in range(HYPERNYM_DEPTH):
             frontier = [h for f in frontier for h in f.hypernyms() + f.instance_hypernyms()]
-            related.update(class_of[h.name()] for h in frontier if h.name() in class_of)
+            related.update(c for c in map(lexicon.imagenet_class_of, frontier) if c is not None)
     if related:
         return tuple(sorted(related)), "wordnet"
     match = lexicon.imagenet_match(word)  # the direct-hypernym fallback

@@ -116,8 +116,9 @@ class SaliencyCache:
         return out
 
 
-def _sample(dataset, image_id, name, entry, cfg: TrainConfig, in_channels: int, flip: bool):
-    """-> (in_channels, S, S) input and (S, S) long target at the training size."""
+def _sample(dataset, image_id, name, entry, cfg: TrainConfig, in_channels: int, flip: bool, targets: dict):
+    """-> (in_channels, S, S) input and (S, S) long target at the training size. `targets` keeps each pair's
+    resized target, so its annotations are decoded once, not once per epoch."""
     rgb = _load_raw_rgb(dataset.image_path(image_id))
     hw = input_size(rgb.shape[0], rgb.shape[1], cfg.long_side)
     x = preprocess(rgb, hw, torch.device("cpu"))[0]
@@ -129,8 +130,10 @@ def _sample(dataset, image_id, name, entry, cfg: TrainConfig, in_channels: int, 
     x = torch.cat(channels)[None]
     size = (cfg.train_size, cfg.train_size)
     x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
-    target = torch.from_numpy(training_mask(dataset, image_id, name).astype(np.int64))[None, None].float()
-    target = F.interpolate(target, size=size, mode="nearest")[0, 0].long()
+    if (image_id, name) not in targets:
+        target = torch.from_numpy(training_mask(dataset, image_id, name))[None, None].float()
+        targets[(image_id, name)] = F.interpolate(target, size=size, mode="nearest")[0, 0].to(torch.uint8)
+    target = targets[(image_id, name)].long()
     if flip:
         x, target = x.flip(-1), target.flip(-1)
     return x, target
@@ -169,14 +172,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * ((len(pairs) + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
-    losses, t1 = [], time.perf_counter()
+    losses, targets, t1 = [], {}, time.perf_counter()
     bar = tqdm(total=steps, desc=f"train {cfg.variant}", unit="step", disable=not progress)
     model.train()
     for epoch in range(cfg.epochs):
         order = pairs[:]
         rng.shuffle(order)
         for b in range(0, len(order), cfg.batch_size):
-            batch = [_sample(dataset, i, n, entries[(i, n)], cfg, in_channels, rng.random() < 0.5)
+            batch = [_sample(dataset, i, n, entries[(i, n)], cfg, in_channels, rng.random() < 0.5, targets)
                      for i, n in order[b : b + cfg.batch_size]]
             x = torch.stack([s[0] for s in batch])
             y = torch.stack([s[1] for s in batch])

@@ -43,7 +43,7 @@ class ClsSaliency(Method):
     def presence(self, state: ImageState, concept, caption=None) -> float:
         """The classifier's probability mass on the classes the mapper relates to the word."""
         related = proxy_labels(self.models, concept, state.class_probs, self.mapper, self.k, "none").related
-        return float(state.class_probs[list(related)].sum().clamp(0, 1))
+        return _probability_mass(state, related)
 
     def predict(self, state: ImageState, concept, negatives=(), caption=None) -> ConceptResult:
         t0 = time.perf_counter()
@@ -64,7 +64,7 @@ class ClsSaliency(Method):
             mask = grabcut_refine(state.image, p, self.grabcut)
         else:
             mask = p >= self.threshold
-        presence = self.presence(state, concept)
+        presence = _probability_mass(state, proxies.related)  # what presence() computes, proxies in hand
         priors = [Prior(upsample_map(s_pos, state.size), self.name, concept, "saliency_positive", presence),
                   Prior(upsample_map(s_neg, state.size), self.name, concept, "saliency_negative"),
                   Prior(p, self.name, concept, "probability", float(p.max()))]
@@ -75,3 +75,7 @@ class ClsSaliency(Method):
         return ConceptResult(concept, self.name, np.asarray(mask, dtype=bool), presence,
                              presence >= PRESENCE_THRESHOLD, priors, details=details,
                              ms=(time.perf_counter() - t0) * 1000.0)
+
+
+def _probability_mass(state: ImageState, classes) -> float:
+    return float(state.class_probs[list(classes)].sum().clamp(0, 1))
