@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from ovseg.core.errors import OvsegError
 from ovseg.core.image_io import load_image
 from ovseg.core.methods.base import ImageState, Method
 from ovseg.core.models import Models
-from ovseg.core.registry import get_method, parse_methods
+from ovseg.core.registry import get_method, parse_methods, split_method_spec
 from ovseg.core.types import Prediction
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,22 @@ class Predictor:
     def device(self) -> torch.device:
         return self.models.device
 
-    def method(self, name: str) -> Method:
-        """The method instance (created on first use, with its options)."""
-        if name not in self._methods:
+    def method(self, spec: str) -> Method:
+        """The method instance of a spec, "cam" or "cls_saliency[variant=sem1c,grabcut=off]" (created on
+        first use, with `method_options` of its name updated by the spec's own options). Instances of
+        different specs share the image's cached work (features, saliency maps)."""
+        spec = parse_methods([spec])[0]
+        if spec not in self._methods:
+            name, spec_options = split_method_spec(spec)
             cls = get_method(name)
-            self._methods[name] = cls(self.models, **self.method_options.get(name, {}))
-        return self._methods[name]
+            options = {**self.method_options.get(name, {}), **spec_options}
+            accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "models")]
+            unknown = [k for k in options if k not in accepted]
+            if unknown:
+                raise OvsegError(f"method {name!r} has no option {unknown[0]!r}; its options: "
+                                 + (", ".join(accepted) or "none"))
+            self._methods[spec] = cls(self.models, **options)
+        return self._methods[spec]
 
     def set_image(self, image, name: str | None = None) -> None:
         """Decode and validate `image` (path, PIL image, or HWC array; see `load_image`) and cache its
@@ -97,7 +108,7 @@ class Predictor:
         """{word: presence score in [0, 1]} of one method on the current image, without computing masks."""
         state = self._require_state()
         positives, _ = parse_concepts(concepts)
-        m = self.method(parse_methods([method])[0])
+        m = self.method(method)
         return {w: m.presence(state, w, caption) for w in positives}
 
     def predict(
@@ -113,7 +124,7 @@ class Predictor:
             concepts: "dog, frisbee, -person" or a list of words; words with a leading '-' are negatives.
             negatives: more negative words (regions to exclude): "dog, cat" or a list.
             caption: an optional caption of the image (used by the caption methods, ignored by others).
-            methods: method names, or "cam,cls_saliency".
+            methods: method specs, or "cam,cls_saliency[grabcut=off]" (see `method`).
         """
         state = self._require_state()
         positives, inline_negatives = parse_concepts(concepts)

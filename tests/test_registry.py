@@ -49,6 +49,37 @@ def test_parse_methods():
         parse_methods("cam, nope")
 
 
+def test_method_specs_with_options():
+    from ovseg.core.registry import format_method_spec, split_method_spec
+
+    assert parse_methods("cam, cls_saliency[variant=sem1c, grabcut=off], cam") == [
+        "cam", "cls_saliency[variant=sem1c,grabcut=off]"]
+    assert parse_methods("cam[threshold=0.4],cam[ threshold = 0.4 ]") == ["cam[threshold=0.4]"]
+    assert split_method_spec("cls_saliency[grabcut=no, threshold=0.25, k=3, mapper=text]") == (
+        "cls_saliency", {"grabcut": False, "threshold": 0.25, "k": 3, "mapper": "text"})
+    assert split_method_spec("cam") == ("cam", {})
+    assert format_method_spec("cls_saliency", {"grabcut": True, "k": 3}) == "cls_saliency[grabcut=on,k=3]"
+    for bad, phrase in [("cam[threshold", "unclosed"), ("cam]", "unbalanced"), ("cam[threshold]", "key=value"),
+                        ("cam[a=1,a=2]", "given twice"), ("cam[a=1]x", r"name\[key=value"),
+                        ("nope[a=1]", "unknown method 'nope'")]:
+        with pytest.raises(KeyError, match=phrase):
+            parse_methods(bad)
+
+
+def test_predictor_checks_spec_options_and_shares_image_work(predictor, examples_dir):
+    from ovseg.core.errors import OvsegError
+    from ovseg.core.predictor import Predictor
+
+    p = Predictor(models=predictor.models)
+    with pytest.raises(OvsegError, match="method 'cam' has no option 'colour'; its options: threshold"):
+        p.method("cam[colour=red]")
+    with pytest.raises(OvsegError, match=r"threshold must lie in \[0, 1\]"):
+        p.method("cam[threshold=2]")
+    p.set_image(examples_dir / "cat.jpg")
+    low, high = p.predict("cat", methods="cam[threshold=0.1], cam[threshold=0.8]").results
+    assert low.mask.sum() > high.mask.sum() > 0 and p.method("cam[threshold=0.8]").threshold == 0.8
+
+
 def test_parse_methods_keeps_order(private_registry):
     @register_method("zz_test_first")
     class First(Method):
