@@ -25,14 +25,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("image", help="an image file (JPEG, PNG, ...)")
     s.add_argument("words", help="comma-separated words, e.g. 'dog, frisbee, -person' ('-' marks a negative)")
     s.add_argument("--out", required=True, help="output folder (created if missing)")
-    s.add_argument("--methods", default="cam", help="comma-separated method names (see `ovseg methods`)")
+    s.add_argument("--methods", default="cam",
+                   help="comma-separated method specs (see `ovseg methods`), e.g. 'cam,cls_saliency[grabcut=off]'")
     s.add_argument("--caption", default=None, help="an optional caption of the image")
     s.add_argument("--threshold", type=float, default=None, help="mask threshold in [0, 1] (method default)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
 
     e = sub.add_parser("eval", help="score methods on a COCO folder (DESIGN.md's protocol)")
     e.add_argument("coco_dir", help="a folder with images/, instances.json and optionally captions.json")
-    e.add_argument("--methods", default="cam", help="comma-separated method names")
+    e.add_argument("--methods", default="cam",
+                   help="comma-separated method specs: names, optionally with options, "
+                        "e.g. 'cam,cls_saliency[variant=sem1c,grabcut=off]'")
+    e.add_argument("--ablation", action="store_true",
+                   help="Golub et al.'s ablation: cam and cls_saliency's variants with and without GrabCut "
+                        "(replaces --methods; implies --base-on-held-out)")
+    e.add_argument("--base-on-held-out", action="store_true",
+                   help="segment base classes only on the images `ovseg train` held out")
     e.add_argument("--out", required=True, help="output folder for metrics.json, report.md and plots")
     e.add_argument("--limit", type=int, default=None, help="only the first N images (for a quick look)")
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
@@ -57,7 +65,9 @@ def _threshold_options(methods: list[str], threshold: float | None) -> dict:
         return {}
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"--threshold must lie in [0, 1], got {threshold}")
-    return {m: {"threshold": threshold} for m in methods}
+    from ovseg.core.registry import split_method_spec
+
+    return {split_method_spec(m)[0]: {"threshold": threshold} for m in methods}
 
 
 def cmd_segment(args) -> int:
@@ -101,15 +111,16 @@ def cmd_segment(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ovseg.app.evaluate import evaluate
+    from ovseg.app.evaluate import ABLATION, evaluate
     from ovseg.app.report import format_table, write_report
     from ovseg.core.registry import parse_methods
 
-    methods = parse_methods(args.methods)
+    methods = parse_methods(ABLATION if args.ablation else args.methods)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     metrics, curves = evaluate(args.coco_dir, methods, limit=args.limit, device=args.device,
-                               reference=not args.no_reference)
+                               reference=not args.no_reference,
+                               base_on_held_out=args.ablation or args.base_on_held_out)
     paths = write_report(args.out, metrics, curves)
     print(format_table(metrics))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

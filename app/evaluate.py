@@ -23,7 +23,22 @@ from PIL import Image
 
 from ovseg.core.metrics import average_precision, harmonic_mean, mask_iou, precision_recall_curve
 from ovseg.core.predictor import Predictor
-from ovseg.train.coco import BASE_CLASSES, SCORED_CLASSES, TARGET_CLASSES, CocoConceptDataset
+from ovseg.train.coco import BASE_CLASSES, SCORED_CLASSES, TARGET_CLASSES, CocoConceptDataset, split_image_ids
+
+# Golub et al.'s ablation (seed 002, Table 3 idea): each input variant of the segmenter with and without
+# GrabCut, and the project's class-discriminative saliency option, beside the training-free reference.
+ABLATION = ["cam"] + [
+    f"cls_saliency[variant={variant},grabcut={grabcut}]"
+    for variant in ("sem0c", "sem1c", "sem2c_rand", "sem2c_neg") for grabcut in ("on", "off")
+] + [f"cls_saliency[variant=sem2c_neg,saliency=cam_gated,grabcut={g}]" for g in ("on", "off")]
+
+# The image split of `ovseg train` (holdout fraction and seed of its defaults): base-class scores on the
+# held-out part measure images no trained part has seen.
+HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 0
+
+
+def held_out_image_ids(dataset: CocoConceptDataset) -> set[int]:
+    return set(split_image_ids(dataset.image_ids, HOLDOUT_FRACTION, HOLDOUT_SEED)[1])
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +48,7 @@ class _Scores:
 
     def __init__(self):
         self.iou = defaultdict(list)  # class -> IoUs over the pairs where the class is present
+        self.iou_held_out = defaultdict(list)  # the same, on the held-out images of the training split only
         self.iou_strict = defaultdict(list)
         self.scores = defaultdict(list)  # class -> presence score per image
         self.labels = defaultdict(list)
@@ -44,9 +60,11 @@ class _Scores:
             self.scores[c].append(s)
             self.labels[c].append(c in targets.gt)
 
-    def add_mask(self, concept: str, mask: np.ndarray, targets) -> None:
+    def add_mask(self, concept: str, mask: np.ndarray, targets, held_out: bool = False) -> None:
         gt = targets.gt[concept]
         self.iou[concept].append(mask_iou(mask, gt, targets.valid_for(concept)))
+        if held_out:
+            self.iou_held_out[concept].append(self.iou[concept][-1])
         not_crowd = ~targets.crowd[concept] if concept in targets.crowd else None
         self.iou_strict[concept].append(mask_iou(mask, gt, not_crowd))
 
@@ -115,8 +133,15 @@ def evaluate(
     predictor: Predictor | None = None,
     progress: bool = True,
     reference: bool = True,
+    base_on_held_out: bool = False,
 ) -> tuple[dict, dict]:
-    """Run the protocol; returns (metrics, pr_curves) in the layout `ovseg.app.report.write_report` takes."""
+    """Run the protocol; returns (metrics, pr_curves) in the layout `ovseg.app.report.write_report` takes.
+
+    methods: method specs ("cls_saliency[variant=sem1c,grabcut=off]"); specs share each image's cached
+    work, so an ablation costs little more than its most expensive member. base_on_held_out: segment
+    base classes only on the held-out images of the training split (target classes on every image, as no
+    trained part has seen them); the default segments every pair and reports the held-out base figure
+    beside the full one."""
     from tqdm import tqdm
 
     dataset = CocoConceptDataset(root)
@@ -127,17 +152,20 @@ def evaluate(
     whole = _Scores()
     set_image_ms: list[float] = []
     pairs = {"target": 0, "base": 0}
+    held_out = held_out_image_ids(dataset)
     bar = tqdm(ids, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
     for image_id in bar:
         targets = dataset.concept_targets(image_id)
+        is_held_out = image_id in held_out
         rgb = load_raw_rgb(dataset.image_path(image_id))
         if rgb.shape[:2] != targets.shape:
             raise RuntimeError(f"image {image_id}: pixels are {rgb.shape[:2]}, annotations {targets.shape}")
         predictor.set_image(rgb)
         set_image_ms.append(predictor.last_set_image_ms)
-        for c in targets.gt:
+        present = [c for c in words if c in targets.gt
+                   and (c in TARGET_CLASSES or is_held_out or not base_on_held_out)]
+        for c in present:
             pairs["target" if c in TARGET_CLASSES else "base"] += 1
-        present = [c for c in words if c in targets.gt]
         for m in methods:
             t0 = time.perf_counter()
             acc[m].add_presence(predictor.presence(words, m), targets)  # every class: presence AP
@@ -149,10 +177,10 @@ def evaluate(
                 acc[m].ms_concept.append(elapsed_masks * 1000.0 / len(present))
                 elapsed += elapsed_masks
                 for result in prediction.results:
-                    acc[m].add_mask(result.concept, result.mask, targets)
+                    acc[m].add_mask(result.concept, result.mask, targets, is_held_out)
             acc[m].seconds += elapsed + predictor.last_set_image_ms / 1000.0
         for c in present:  # the trivial reference: every pixel is the class (what the ignore rule forgives)
-            whole.add_mask(c, np.ones(targets.shape, dtype=bool), targets)
+            whole.add_mask(c, np.ones(targets.shape, dtype=bool), targets, is_held_out)
     bar.close()
 
     out_methods, pr_curves = {}, {}
@@ -160,7 +188,7 @@ def evaluate(
         presence, per_class_ap, curves = _presence(s)
         pr_curves[m] = curves
         out_methods[m] = {
-            "concept_miou": _split_mean(s.iou),
+            "concept_miou": {**_split_mean(s.iou), "base_held_out": _split_mean(s.iou_held_out)["base"]},
             "concept_miou_strict": _split_mean(s.iou_strict),
             "presence_ap": presence,
             "ms_per_image": statistics.median(set_image_ms),
@@ -171,10 +199,12 @@ def evaluate(
         }
     metrics = {
         "dataset": {"root": str(Path(root).resolve()), "images": len(ids), "pairs_target": pairs["target"],
-                    "pairs_base": pairs["base"]},
+                    "pairs_base": pairs["base"], "held_out_images": len(held_out.intersection(ids)),
+                    "base_on_held_out_only": base_on_held_out},
         "methods": out_methods,
         "reference": {
-            "whole_image_mask": {"concept_miou": _split_mean(whole.iou),
+            "whole_image_mask": {"concept_miou": {**_split_mean(whole.iou),
+                                                  "base_held_out": _split_mean(whole.iou_held_out)["base"]},
                                  "concept_miou_strict": _split_mean(whole.iou_strict)},
         },
         "environment": {

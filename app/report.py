@@ -46,6 +46,7 @@ _SCORE_COLUMNS = (
     # (header, section, key)
     ("mIoU tgt", "concept_miou", "target"),
     ("mIoU base", "concept_miou", "base"),
+    ("base held-out", "concept_miou", "base_held_out"),
     ("mIoU h", "concept_miou", "h"),
     ("strict h", "concept_miou_strict", "h"),
     ("AP tgt", "presence_ap", "target"),
@@ -58,6 +59,8 @@ _DEFAULT_PROTOCOL = (
     "thing classes.",
     "Concept mIoU: each method segments each (image, class present) pair; IoU over the annotated pixels only "
     "(unlabelled pixels are ignored, and so are the class's own crowd regions), averaged over pairs.",
+    "Base held-out: base-class mIoU over the images `ovseg train` holds out (20%, seed 0): images no "
+    "trained part has seen.",
     "Strict mIoU: the same, but unlabelled pixels count as background (false positives when predicted).",
     "Presence AP: per class, the image-level score of the concept ranks all images (positive: the class has "
     "an instance), non-interpolated AP averaged over classes; h is the harmonic mean of target and base.",
@@ -217,7 +220,11 @@ def _report_markdown(metrics: Mapping, files: Mapping[str, str]) -> str:
         lines += [
             f"Data set `{dataset.get('root', '?')}`: {dataset.get('images', '?')} images, "
             f"{dataset.get('pairs_target', '?')} target and {dataset.get('pairs_base', '?')} base "
-            "(image, class) pairs.",
+            "(image, class) pairs"
+            + (f"; base classes segmented only on the {dataset.get('held_out_images', '?')} images held out of "
+               "training (target classes on every image)." if dataset.get("base_on_held_out_only") else
+               f"; 'base held-out' averages the base pairs of the {dataset.get('held_out_images', '?')} "
+               "images held out of training."),
             "",
         ]
     lines += _markdown_table(header, rows)

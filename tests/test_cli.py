@@ -116,12 +116,18 @@ def test_eval_on_coco_dev_writes_report(tmp_path):
     if not COCO_DEV.is_dir():
         pytest.skip(f"shared data not found at {COCO_DEV}")
     out = tmp_path / "report"
-    proc = run_cli("eval", str(COCO_DEV), "--methods", "cam", "--out", str(out), "--limit", "6")
+    proc = run_cli("eval", str(COCO_DEV), "--methods", "cam, cam[threshold=0.9]", "--out", str(out),
+                   "--limit", "6")
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     cam = metrics["methods"]["cam"]
-    for key in ("concept_miou", "concept_miou_strict", "presence_ap"):
+    for key in ("concept_miou_strict", "presence_ap"):
         assert set(cam[key]) == {"target", "base", "h"}
+    assert set(cam["concept_miou"]) == {"target", "base", "h", "base_held_out"}
+    # a spec with options is its own row; a higher threshold gives smaller masks, so a different score
+    high = metrics["methods"]["cam[threshold=0.9]"]
+    assert high["concept_miou"]["base"] != cam["concept_miou"]["base"]
+    assert high["presence_ap"] == cam["presence_ap"]  # presence does not depend on the mask threshold
     assert 0.0 < cam["concept_miou"]["base"] <= 1.0
     assert cam["ms_per_image"] > 0 and cam["ms_per_concept"] > 0
     assert metrics["dataset"]["images"] == 6
@@ -130,6 +136,37 @@ def test_eval_on_coco_dev_writes_report(tmp_path):
         assert (out / name).stat().st_size > 500
     assert "cam" in proc.stdout and "mIoU" in proc.stdout
     assert "eval:" in proc.stderr  # the progress bar (rate, ETA) goes to stderr
+
+
+@pytest.mark.slow
+def test_eval_base_on_held_out_images_only(tmp_path):
+    if not COCO_DEV.is_dir():
+        pytest.skip(f"shared data not found at {COCO_DEV}")
+    from ovseg.app.evaluate import held_out_image_ids
+    from ovseg.train.coco import BASE_CLASSES, CocoConceptDataset
+
+    dataset = CocoConceptDataset(COCO_DEV)
+    first = dataset.image_ids[:20]
+    held = held_out_image_ids(dataset)
+    expected = sum(1 for i in first if i in held for c in dataset.concept_targets(i).gt if c in BASE_CLASSES)
+    assert 0 < len(held.intersection(first)) < 20
+    out = tmp_path / "report"
+    proc = run_cli("eval", str(COCO_DEV), "--methods", "cam", "--out", str(out), "--limit", "20",
+                   "--base-on-held-out", "--no-reference")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dataset"]["pairs_base"] == expected and metrics["dataset"]["base_on_held_out_only"]
+    miou = metrics["methods"]["cam"]["concept_miou"]
+    assert miou["base"] == pytest.approx(miou["base_held_out"])  # every base pair is a held-out one
+    assert "held out of training" in (out / "report.md").read_text()
+
+
+def test_eval_rejects_bad_method_options(tmp_path):
+    proc = run_cli("eval", str(COCO_DEV), "--methods", "cam[colour=red]", "--out", str(tmp_path / "r"),
+                   "--limit", "1", "--no-reference")
+    assert proc.returncode == 2 and "has no option 'colour'" in proc.stderr and "threshold" in proc.stderr
+    proc = run_cli("eval", str(COCO_DEV), "--methods", "cam[threshold", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2 and "unclosed '['" in proc.stderr
 
 
 def test_proxies_prints_the_mapper_comparison_table():
