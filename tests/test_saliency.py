@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ovseg.core.saliency import GuidedReLU6, guided_backprop, guided_copy, label_saliency, mean_saliency
+from ovseg.core.saliency import (GuidedReLU6, cam_gate, class_activation, guided_backprop, guided_copy,
+                                 label_saliency, mean_saliency)
 
 
 def test_guided_relu6_gradient_sign_pattern():
@@ -65,6 +66,26 @@ def test_label_saliency_caches_per_label_and_batches():
     assert calls == [] and set(again) == {0, 1} and torch.equal(again[0], first[0])
     assert mean_saliency(again, [], (1, 1)).sum() == 0
     assert torch.allclose(mean_saliency(again, [0, 1], (1, 1)), (first[0] + first[1]) / 2)
+
+
+def test_class_activation_and_cam_gate_by_hand():
+    # 2 feature channels on a 1x2 grid; class 0 looks at channel 0 (left cell), class 1 at channel 1 (right)
+    head = torch.tensor([[[4.0, 0.0]], [[0.0, 2.0]]])
+    fc = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]])
+    assert class_activation(head, fc, [0]).tolist() == [[1.0, 0.0]]
+    assert class_activation(head, fc, [1]).tolist() == [[0.0, 1.0]]
+    # each label's map is normalised before averaging, so the weaker class counts as much: [0.5, 0.5] -> 1
+    assert class_activation(head, fc, [0, 1]).tolist() == [[1.0, 1.0]]
+    assert class_activation(head, fc, [2]).tolist() == [[0.0, 0.0]]  # rectified: nowhere positive
+    assert class_activation(head, fc, []).shape == (1, 2)
+    # gating: a flat guided-backprop map takes the CAM's shape; bilinear upsampling of [1, 0] to 4 columns
+    flat = torch.ones(1, 4)
+    gated = cam_gate(flat, class_activation(head, fc, [0]))
+    assert gated.tolist() == [[1.0, 0.75, 0.25, 0.0]]
+    assert cam_gate(flat, class_activation(head, fc, [1])).tolist() == [[0.0, 0.25, 0.75, 1.0]]
+    # a saliency peak the CAM does not support is suppressed
+    s = torch.tensor([[0.2, 0.1, 0.1, 1.0]])
+    assert cam_gate(s, class_activation(head, fc, [0])).argmax() == 0
 
 
 @pytest.mark.slow

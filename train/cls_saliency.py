@@ -5,7 +5,9 @@ For every (image, base class present) pair of the training images: the class nam
 guided-backprop saliency maps S+ and S- (cached on disk, so a second run does not recompute them), the image
 normalised as the classifier expects, and the class's instance mask as the target (crowd regions ignored).
 Variants (the paper's ablation): sem0c (RGB only), sem1c (RGB + S+), sem2c_rand (S- from random labels),
-sem2c_neg (S- from the classifier's top unrelated labels: the method).
+sem2c_neg (S- from the classifier's top unrelated labels: the method). `--saliency cam_gated` trains on
+S+/S- gated by the labels' class activation maps instead (the project's class-discriminative option, not the
+paper's); its checkpoint folder is <variant>-cam_gated.
 """
 
 from __future__ import annotations
@@ -26,9 +28,10 @@ import torch.nn.functional as F
 
 from ovseg.core.backbone import input_size, preprocess
 from ovseg.core.cache import atomic_write_bytes, atomic_write_text, cache_dir
+from ovseg.core.methods.cls_saliency import checkpoint_name
 from ovseg.core.models import Models
 from ovseg.core.proxy_labels import K, proxy_labels
-from ovseg.core.saliency import label_saliency, mean_saliency
+from ovseg.core.saliency import SALIENCY_MODES, cam_gate, class_activation, label_saliency, mean_saliency
 from ovseg.core.segmenter import ClassAgnosticSegmenter, SegmenterConfig, segmentation_loss
 from ovseg.train.coco import CocoConceptDataset, base_training_pairs, split_image_ids, training_mask
 
@@ -58,10 +61,13 @@ class TrainConfig:
     seed: int = 0
     max_pairs: int | None = None
     train_backbone: str = "stem"
+    saliency: str = "guided_backprop"  # or "cam_gated" (not the paper's; see ovseg.core.saliency.cam_gate)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if self.saliency not in SALIENCY_MODES:
+            raise ValueError(f"saliency must be one of {SALIENCY_MODES}, got {self.saliency!r}")
 
 
 def _load_raw_rgb(path: Path) -> np.ndarray:
@@ -116,6 +122,26 @@ class SaliencyCache:
         return out
 
 
+def _gate_entries(models: Models, cfg: TrainConfig, dataset, image_id: int, names: list[str], negatives: str,
+                  entries: dict) -> None:
+    """Replace the cached guided-backprop S+/S- of an image's pairs by their CAM-gated versions (the same
+    proxy labels as the cache used: same mapper, K, negatives and seed)."""
+    rgb = _load_raw_rgb(dataset.image_path(image_id))
+    x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], cfg.long_side), models.device)
+    with torch.no_grad():
+        feats = models.backbone(x)
+    probs = torch.softmax(feats.logits[0].float(), 0)
+    head, fc = feats.head[0].float(), models.backbone.classifier.weight
+    for name in names:
+        proxies = proxy_labels(models, name, probs, cfg.mapper, K, negatives, seed=image_id)
+        entry = entries[(image_id, name)]
+        for key, labels in (("pos", proxies.positive), ("neg", proxies.negative)):
+            if key in entry:
+                gated = cam_gate(torch.from_numpy(entry[key].astype(np.float32)),
+                                 class_activation(head, fc, labels))
+                entry[key] = gated.numpy().astype(np.float16)
+
+
 def _sample(dataset, image_id, name, entry, cfg: TrainConfig, in_channels: int, flip: bool, targets: dict):
     """-> (in_channels, S, S) input and (S, S) long target at the training size. `targets` keeps each pair's
     resized target, so its annotations are decoded once, not once per epoch."""
@@ -165,6 +191,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         got = cache.get_image(image_id, names, negatives if in_channels == 5 else "none",
                               lambda i=image_id: _load_raw_rgb(dataset.image_path(i)))
         entries.update({(image_id, n): e for n, e in got.items()})
+    if cfg.saliency == "cam_gated":
+        for image_id, names in tqdm(by_image.items(), desc="CAM gates", unit="img", disable=not progress):
+            _gate_entries(models, cfg, dataset, image_id, names, negatives, entries)
     saliency_s = time.perf_counter() - t0
 
     seg_cfg = SegmenterConfig(in_channels=in_channels, train_backbone=cfg.train_backbone)
@@ -196,7 +225,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
 
 def _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, train_s) -> Path:
-    out = Path(cfg.out) / cfg.variant
+    out = Path(cfg.out) / checkpoint_name(cfg.variant, cfg.saliency)
     buf = io.BytesIO()
     torch.save(model.state_dict_small(), buf)
     classes: dict[str, int] = {}
@@ -227,6 +256,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="assets/checkpoints/cls_saliency", help="checkpoint folder")
     p.add_argument("--variant", default="sem2c_neg", choices=sorted(VARIANTS))
     p.add_argument("--mapper", default="wordnet", choices=("wordnet", "text"))
+    p.add_argument("--saliency", default="guided_backprop", choices=SALIENCY_MODES,
+                   help="guided_backprop (the paper's) or cam_gated (S+/S- gated by the labels' CAM)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--max-pairs", type=int, default=None, help="train on a random subset (quick runs)")
@@ -234,5 +265,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> Path:
     cfg = TrainConfig(coco_dir=args.coco, out=args.out, variant=args.variant, mapper=args.mapper,
+                      saliency=args.saliency,
                       epochs=args.epochs, batch_size=args.batch_size, max_pairs=args.max_pairs)
     return train(cfg)
