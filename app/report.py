@@ -280,9 +280,44 @@ def _method_colours(names: list[str]) -> dict[str, Any]:
     return {name: cmap(i % 10) for i, name in enumerate(names)}
 
 
+MAX_BAR_METHODS = 4  # more methods than this (an ablation) are drawn as a heat map instead of bars
+
+
+def _plot_per_class_heatmap(methods: Mapping[str, Mapping]) -> bytes:
+    """A heat map per class group (target on top): one row per method, one column per class, and first
+    the group's mean over its classes (not over pairs, as the concept mIoU is); each cell shows its IoU."""
+    names = list(methods)
+    groups = _class_groups(methods, "per_class_iou") or [("target", [])]
+    widest = max(len(classes) for _, classes in groups) + 1
+    figure = _new_figure(max(8.0, 1.6 + 0.42 * widest + 0.07 * max(len(n) for n in names)),
+                         1.0 + sum(0.9 + 0.32 * len(names) for _ in groups))
+    axes = figure.subplots(len(groups), 1, squeeze=False)[:, 0]
+    image = None
+    for ax, (title, classes) in zip(axes, groups):
+        columns = ["mean"] + classes
+        values = np.array([[_nanmean(methods[m], classes)] + [_number(_get(methods[m], "per_class_iou", c))
+                                                              for c in classes] for m in names])
+        image = ax.imshow(np.ma.masked_invalid(values), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        for (i, j), v in np.ndenumerate(values):
+            text = "" if math.isnan(v) else f"{v:.2f}"[1:] if v < 1 else "1"
+            ax.text(j, i, text, ha="center", va="center", fontsize=6,
+                    color="black" if not math.isnan(v) and v > 0.6 else "white")
+        ax.set_xticks(range(len(columns)), columns, rotation=60, ha="right", fontsize=7)
+        ax.set_yticks(range(len(names)), names, fontsize=7)
+        ax.axvline(0.5, color="white", linewidth=2)
+        ax.set_title(f"{title.capitalize()} classes ({len(classes)}): concept IoU per class "
+                     "(first column: mean over its classes)", fontsize=9, loc="left")
+    figure.colorbar(image, ax=list(axes), shrink=0.6, label="IoU (unlabelled pixels ignored)")
+    return _png_bytes(figure)
+
+
 def _plot_per_class_iou(methods: Mapping[str, Mapping]) -> bytes:
-    """Horizontal grouped bars, one panel per class group (target on top), one colour per method."""
+    """Horizontal grouped bars, one panel per class group (target on top), one colour per method; a heat
+    map when there are more than MAX_BAR_METHODS methods."""
     from matplotlib.patches import Patch
+
+    if len(methods) > MAX_BAR_METHODS:
+        return _plot_per_class_heatmap(methods)
 
     names = list(methods)
     colours = _method_colours(names)

@@ -126,3 +126,20 @@ def test_import_has_no_backend_side_effect():
     code = "import sys, ovseg.app.report; print('matplotlib.pyplot' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False"
+
+
+def test_many_methods_get_a_heat_map_instead_of_bars(tmp_path, metrics, monkeypatch):
+    from ovseg.app import report
+
+    calls = []
+    heatmap = report._plot_per_class_heatmap
+    monkeypatch.setattr(report, "_plot_per_class_heatmap", lambda methods: calls.append(len(methods)) or heatmap(methods))
+    write_report(tmp_path / "two", metrics)
+    assert calls == []  # two methods: grouped bars
+    many = {f"cls_saliency[variant=v{i},grabcut=on]": _method(i, 0.1 * i) for i in range(report.MAX_BAR_METHODS + 2)}
+    metrics["methods"] = many
+    paths = write_report(tmp_path / "many", metrics)
+    assert calls == [len(many)]
+    heat = Image.open(paths["per_class_iou"])
+    assert heat.width > heat.height  # one row per method, one column per class
+    assert np.asarray(heat.convert("RGB")).std() > 10  # drawn, not blank
