@@ -51,9 +51,18 @@ def example_images() -> list[Path]:
     return sorted(folder.glob("*.jpg"))
 
 
+def has_option(method: str, option: str) -> bool:
+    """Whether the method's constructor takes `option`."""
+    return option in inspect.signature(get_method(method)).parameters
+
+
 def has_grabcut(method: str) -> bool:
     """Whether the method has GrabCut post-processing to switch (a `grabcut` constructor argument)."""
-    return "grabcut" in inspect.signature(get_method(method)).parameters
+    return has_option(method, "grabcut")
+
+
+# The saliency priors a method with a `saliency` option can use, as (label shown, option value).
+SALIENCY_CHOICES = [("guided backprop (the paper's)", "guided_backprop"), ("CAM-gated guided backprop", "cam_gated")]
 
 
 def default_threshold(method: str) -> float | None:
@@ -81,7 +90,8 @@ class Engine:
             log.info("models loaded in %.1f s", self._predictor.models.load())
         return self._predictor
 
-    def run(self, path: str, words: str, caption: str, method: str, threshold: float, grabcut: bool = True):
+    def run(self, path: str, words: str, caption: str, method: str, threshold: float, grabcut: bool = True,
+            saliency: str | None = None):
         """-> (Prediction, RGB image, set_image ms or None when the image was already set, device)."""
         with self._lock:
             predictor = self._get()
@@ -90,10 +100,14 @@ class Engine:
                 self._image_path = None
                 predictor.set_image(path)
                 self._image_path, set_ms = path, predictor.last_set_image_ms
+            if saliency and has_option(method, "saliency"):
+                if saliency not in {v for _, v in SALIENCY_CHOICES}:
+                    raise OvsegError(f"unknown saliency prior {saliency!r}")
+                method = f"{method}[saliency={saliency}]"
             instance = predictor.method(method)
             if hasattr(instance, "threshold"):
                 instance.threshold = threshold
-            if has_grabcut(method):
+            if hasattr(instance, "grabcut"):
                 from ovseg.core.grabcut import GrabCutConfig
 
                 instance.grabcut = GrabCutConfig(enabled=grabcut)
@@ -206,7 +220,7 @@ def check_upload(image):
 def make_handler(engine: Engine):
     """The Segment handler: raw gradio payloads in, (gallery items, status Markdown) out; never raises."""
 
-    def segment(image, words, caption, method, threshold, grabcut=True):
+    def segment(image, words, caption, method, threshold, grabcut=True, saliency=None):
         image = image or {}
         try:
             if not image.get("path"):
@@ -215,7 +229,8 @@ def make_handler(engine: Engine):
                 raise OvsegError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
             parse_concepts(words or "")  # a bad word list is refused before any model loads
             out, rgb, set_ms, device = engine.run(
-                image["path"], words or "", caption or "", method, _check_threshold(threshold), bool(grabcut)
+                image["path"], words or "", caption or "", method, _check_threshold(threshold), bool(grabcut),
+                saliency,
             )
             return gallery_items(out, rgb), summary(out, rgb, set_ms, device)
         except Exception as exc:
@@ -251,6 +266,10 @@ def build_app(predictor=None, device: str = "auto"):
                 grabcut = gr.Checkbox(True, label="GrabCut post-processing", elem_id="grabcut",
                                       visible=has_grabcut(first),
                                       info="off: the segmenter's probability >= the mask threshold")
+                saliency = gr.Radio(SALIENCY_CHOICES, value="guided_backprop", label="Saliency priors",
+                                    elem_id="saliency", visible=has_option(first, "saliency"),
+                                    info="CAM-gated: S+/S- weighted by the proxy labels' class activation "
+                                         "maps (class-discriminative; not in the paper)")
                 button = gr.Button("Segment", variant="primary", elem_id="segment-btn")
             with gr.Column(scale=3, min_width=360):
                 gallery = gr.Gallery(label="Results", elem_id="results", columns=2, interactive=False,
@@ -258,10 +277,11 @@ def build_app(predictor=None, device: str = "auto"):
                 status = gr.Markdown(READY, elem_id="status")
         image.upload(check_upload, image, [image, status], preprocess=False)
         def method_changed(name):
-            return _threshold_slider(gr, name, render=False), gr.Checkbox(visible=has_grabcut(name))
+            return (_threshold_slider(gr, name, render=False), gr.Checkbox(visible=has_grabcut(name)),
+                    gr.Radio(visible=has_option(name, "saliency")))
 
-        method.change(method_changed, method, [threshold, grabcut])
-        inputs, outputs = [image, words, caption, method, threshold, grabcut], [gallery, status]
+        method.change(method_changed, method, [threshold, grabcut, saliency])
+        inputs, outputs = [image, words, caption, method, threshold, grabcut, saliency], [gallery, status]
         gr.on([button.click, words.submit], make_handler(engine), inputs, outputs, preprocess=False)
     return demo
 

@@ -161,6 +161,16 @@ def test_saliency_method_shows_both_priors_proxy_labels_and_a_grabcut_switch(pag
         "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
     )
     _screenshot(page, "app_cls_saliency.png")
+    # the class-discriminative option: the same word with CAM-gated priors, said so in the table
+    expect(page.locator("#saliency")).to_be_visible()
+    page.locator("#saliency").get_by_label("CAM-gated guided backprop").check()
+    page.click("#segment-btn")
+    expect(page.locator("#status")).to_contain_text("cam_gated", timeout=SEGMENT_TIMEOUT_MS)
+    expect(page.locator("#results .thumbnail-item img")).to_have_count(4)
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    _screenshot(page, "app_cls_saliency_cam_gated.png")
 
 
 @pytest.mark.browser
@@ -232,6 +242,12 @@ def test_handler_refusals(segment, image, words, method, threshold, expected):
     with pytest.warns(UserWarning):
         gallery, status = segment(image, words, "", method, threshold)
     assert gallery == [] and status.startswith("**Error:** ") and expected in status
+
+
+def test_handler_refuses_an_unknown_saliency_prior(segment):
+    with pytest.warns(UserWarning):
+        gallery, status = segment({"path": str(EXAMPLES / "cat.jpg")}, "cat", "", "cls_saliency", 0.5, True, "magic")
+    assert gallery == [] and "unknown saliency prior 'magic'" in status
 
 
 def test_handler_hides_unexpected_errors(monkeypatch, segment, caplog):

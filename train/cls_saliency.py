@@ -202,7 +202,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     steps = cfg.epochs * ((len(pairs) + cfg.batch_size - 1) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
     losses, targets, t1 = [], {}, time.perf_counter()
-    bar = tqdm(total=steps, desc=f"train {cfg.variant}", unit="step", disable=not progress)
+    bar = tqdm(total=steps, desc=f"train {checkpoint_name(cfg.variant, cfg.saliency)}", unit="step",
+               disable=not progress)
     model.train()
     for epoch in range(cfg.epochs):
         order = pairs[:]
