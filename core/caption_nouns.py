@@ -249,18 +249,10 @@ def _word_info(word: str) -> _Info:
         return _Info(_DET, plural_det=True)
     if word.isdigit():
         return _Info(_DET)
-    if word in PREPOSITIONS:
-        return _Info(_PREP)
-    if word in PARTICLES:
-        return _Info(_PART)
-    if word in AUXILIARIES:
-        return _Info(_AUX)
-    if word in CONJUNCTIONS:
-        return _Info(_CONJ)
-    if word in STOP_VERBS:
-        return _Info(_STOPVERB)
-    if word in OTHER_FUNCTION_WORDS:
-        return _Info(_FUNC)
+    for words, kind in ((PREPOSITIONS, _PREP), (PARTICLES, _PART), (AUXILIARIES, _AUX), (CONJUNCTIONS, _CONJ),
+                        (STOP_VERBS, _STOPVERB), (OTHER_FUNCTION_WORDS, _FUNC)):
+        if word in words:
+            return _Info(kind)
     if "'" in word:
         head, _, tail = word.rpartition("'")
         if tail == "s" and head and "'" not in head and head not in _CONTRACTION_BASES:
