@@ -32,13 +32,14 @@ ABLATION = ["cam"] + [
     for variant in ("sem0c", "sem1c", "sem2c_rand", "sem2c_neg") for grabcut in ("on", "off")
 ] + [f"cls_saliency[variant=sem2c_neg,saliency=cam_gated,grabcut={g}]" for g in ("on", "off")]
 
-# The image split of `ovseg train` (holdout fraction and seed of its defaults): base-class scores on the
-# held-out part measure images no trained part has seen.
-HOLDOUT_FRACTION, HOLDOUT_SEED = 0.2, 0
-
 
 def held_out_image_ids(dataset: CocoConceptDataset) -> set[int]:
-    return set(split_image_ids(dataset.image_ids, HOLDOUT_FRACTION, HOLDOUT_SEED)[1])
+    """The images `ovseg train` holds out with its default split (fraction and seed): base-class scores
+    there measure images no trained part has seen."""
+    from ovseg.train.cls_saliency import TrainConfig
+
+    return set(split_image_ids(dataset.image_ids, TrainConfig.holdout_fraction, TrainConfig.seed)[1])
+
 
 log = logging.getLogger(__name__)
 
