@@ -52,6 +52,10 @@ class SegmenterConfig:
     dropout: float = 0.1
     new_channel_init_std: float = 0.01
     train_backbone: str = "stem"
+    # Also give the priors (downsampled by area averaging) to the trainable head: the ASPP and the low-level
+    # branch see them beside the backbone features. With a frozen backbone the stem alone carries them too
+    # weakly for the head to use (see the README's ablation).
+    priors_to_head: bool = False
 
     def __post_init__(self):
         self.aspp_rates = tuple(int(r) for r in self.aspp_rates)  # JSON gives lists
@@ -156,10 +160,11 @@ class ClassAgnosticSegmenter(nn.Module):
         self._stage_ends = stage_ends(self.backbone)
         c3_ch = net._blocks[self._stage_ends[8]]._block_args.output_filters
         c5_ch = net._blocks[-1]._block_args.output_filters
-        self.aspp = ASPP(c5_ch, cfg.aspp_channels, cfg.aspp_rates, cfg.dropout)
+        extra = cfg.in_channels - 3 if cfg.priors_to_head else 0
+        self.aspp = ASPP(c5_ch + extra, cfg.aspp_channels, cfg.aspp_rates, cfg.dropout)
         dec_in = cfg.aspp_channels
         if cfg.use_low_level:
-            self.low_level = _conv_bn_relu(c3_ch, cfg.low_level_channels, 1)
+            self.low_level = _conv_bn_relu(c3_ch + extra, cfg.low_level_channels, 1)
             dec_in += cfg.low_level_channels
         self.decoder = nn.Sequential(_conv_bn_relu(dec_in, cfg.aspp_channels, 3),
                                      _conv_bn_relu(cfg.aspp_channels, cfg.aspp_channels, 3))
@@ -224,6 +229,10 @@ class ClassAgnosticSegmenter(nn.Module):
         if cfg.in_channels > 3:
             x = torch.cat([x[:, :3], x[:, 3:] * 2.0 - 1.0], dim=1)
         c3, c5 = self._features(x)
+        if cfg.priors_to_head and cfg.in_channels > 3:
+            priors = x[:, 3:]
+            c5 = torch.cat([c5, F.adaptive_avg_pool2d(priors, c5.shape[-2:])], dim=1)
+            c3 = torch.cat([c3, F.adaptive_avg_pool2d(priors, c3.shape[-2:])], dim=1)
         y = F.interpolate(self.aspp(c5), size=c3.shape[-2:], mode="bilinear", align_corners=False)
         if cfg.use_low_level:
             y = torch.cat([y, self.low_level(c3)], dim=1)

@@ -206,3 +206,31 @@ def test_config_round_trip_and_validation():
     model = ClassAgnosticSegmenter(random_net(), SegmenterConfig(in_channels=3, aspp_channels=16, use_low_level=False))
     assert not hasattr(model, "low_level")
     assert model.eval()(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_priors_to_head_lets_the_head_read_the_priors_without_the_stem():
+    """With the stem path of the priors cut (its weights zero and frozen), the head alone learns to follow S+
+    when the priors are also given to it (priors_to_head); without it the same run cannot see them."""
+    torch.manual_seed(2)
+    g = torch.Generator().manual_seed(2)
+    cfg = SegmenterConfig(in_channels=4, aspp_channels=32, train_backbone="none", new_channel_init_std=1e-4,
+                          priors_to_head=True)
+    model = ClassAgnosticSegmenter(load_efficientnet_lite0(), cfg, generator=g).train()
+    assert model.aspp.branches[0][0].in_channels == 320 + 1 and model.low_level[0].in_channels == 40 + 1
+    stem = model.backbone._conv_stem.extra.weight
+    stem.data.zero_()
+    opt = torch.optim.Adam([p for p in model.trainable_parameters() if p is not stem], lr=1e-2)
+    for _ in range(80):
+        x, y = _rectangles(4, g, size=128)
+        loss = segmentation_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = _rectangles(4, g, size=128)
+    with torch.no_grad():
+        model.eval()
+        pred = foreground_probability(model(x)) > 0.5
+        blank = foreground_probability(model(torch.cat([x[:, :3], torch.zeros_like(x[:, 3:])], 1)))
+    iou = (pred & (y == 1)).sum((1, 2)) / (pred | (y == 1)).sum((1, 2))
+    assert iou.mean() > 0.7, iou  # without priors_to_head the same run scores 0
+    assert (blank > 0.5).float().mean() < 0.05  # without priors nothing is foreground: the priors decide

@@ -62,6 +62,7 @@ class TrainConfig:
     max_pairs: int | None = None
     train_backbone: str = "stem"
     saliency: str = "guided_backprop"  # or "cam_gated" (not the paper's; see ovseg.core.saliency.cam_gate)
+    priors_to_head: bool = False  # see SegmenterConfig.priors_to_head
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -196,7 +197,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             _gate_entries(models, cfg, dataset, image_id, names, negatives, entries)
     saliency_s = time.perf_counter() - t0
 
-    seg_cfg = SegmenterConfig(in_channels=in_channels, train_backbone=cfg.train_backbone)
+    seg_cfg = SegmenterConfig(in_channels=in_channels, train_backbone=cfg.train_backbone,
+                              priors_to_head=cfg.priors_to_head)
     model = ClassAgnosticSegmenter.from_package(seg_cfg, torch.Generator().manual_seed(cfg.seed))
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * ((len(pairs) + cfg.batch_size - 1) // cfg.batch_size)
@@ -259,6 +261,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mapper", default="wordnet", choices=("wordnet", "text"))
     p.add_argument("--saliency", default="guided_backprop", choices=SALIENCY_MODES,
                    help="guided_backprop (the paper's) or cam_gated (S+/S- gated by the labels' CAM)")
+    p.add_argument("--priors-to-head", action="store_true",
+                   help="also feed the priors to the trainable head (ASPP and low-level branch)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--max-pairs", type=int, default=None, help="train on a random subset (quick runs)")
@@ -266,6 +270,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> Path:
     cfg = TrainConfig(coco_dir=args.coco, out=args.out, variant=args.variant, mapper=args.mapper,
-                      saliency=args.saliency,
+                      saliency=args.saliency, priors_to_head=args.priors_to_head,
                       epochs=args.epochs, batch_size=args.batch_size, max_pairs=args.max_pairs)
     return train(cfg)
