@@ -81,8 +81,8 @@ class ClsSaliency(Method):
         return state.cache[key]
 
     def priors(self, state: ImageState, concept, negatives=()):
-        """(proxies, S+, S-) at the network input's size; S- is empty (zeros) for sem0c/sem1c unless the user
-        gave negative words, which join the negative proxies."""
+        """(proxies, negative labels, S+, S-), the maps at the network input's size. S- is zeros for
+        sem0c/sem1c unless the user gave negative words, whose nearest classes join the negative labels."""
         probs = state.class_probs
         proxies = proxy_labels(self.models, concept, probs, self.mapper, self.k, self.negatives,
                                seed=zlib.crc32(concept.encode()))
