@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ovseg.core.metrics import average_precision, harmonic_mean, mask_iou, precision_recall_curve
 from ovseg.core.predictor import Predictor
@@ -120,12 +119,6 @@ def clipseg_reference(runs: int = 5) -> dict:
     }
 
 
-def load_raw_rgb(path: Path) -> np.ndarray:
-    """COCO masks are drawn on the stored pixel grid: read the pixels without applying EXIF orientation."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
-
-
 def evaluate(
     root,
     methods: list[str],
@@ -158,7 +151,7 @@ def evaluate(
     for image_id in bar:
         targets = dataset.concept_targets(image_id)
         is_held_out = image_id in held_out
-        rgb = load_raw_rgb(dataset.image_path(image_id))
+        rgb = dataset.load_rgb(image_id)  # the masks' pixel grid: no EXIF rotation
         if rgb.shape[:2] != targets.shape:
             raise RuntimeError(f"image {image_id}: pixels are {rgb.shape[:2]}, annotations {targets.shape}")
         predictor.set_image(rgb)

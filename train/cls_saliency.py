@@ -71,12 +71,6 @@ class TrainConfig:
             raise ValueError(f"saliency must be one of {SALIENCY_MODES}, got {self.saliency!r}")
 
 
-def _load_raw_rgb(path: Path) -> np.ndarray:
-    from ovseg.app.evaluate import load_raw_rgb  # COCO masks are on the stored pixel grid
-
-    return load_raw_rgb(path)
-
-
 class SaliencyCache:
     """S+ and S- of (image, class) pairs, as float16 .npy files under `root`: S+ once per pair, shared by
     every variant; S- per kind of negatives ("classifier", "random")."""
@@ -127,7 +121,7 @@ def _gate_entries(models: Models, cfg: TrainConfig, dataset, image_id: int, name
                   entries: dict) -> None:
     """Replace the cached guided-backprop S+/S- of an image's pairs by their CAM-gated versions (the same
     proxy labels as the cache used: same mapper, K, negatives and seed)."""
-    rgb = _load_raw_rgb(dataset.image_path(image_id))
+    rgb = dataset.load_rgb(image_id)
     x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], cfg.long_side), models.device)
     with torch.no_grad():
         feats = models.backbone(x)
@@ -146,7 +140,7 @@ def _gate_entries(models: Models, cfg: TrainConfig, dataset, image_id: int, name
 def _sample(dataset, image_id, name, entry, cfg: TrainConfig, in_channels: int, flip: bool, targets: dict):
     """-> (in_channels, S, S) input and (S, S) long target at the training size. `targets` keeps each pair's
     resized target, so its annotations are decoded once, not once per epoch."""
-    rgb = _load_raw_rgb(dataset.image_path(image_id))
+    rgb = dataset.load_rgb(image_id)
     hw = input_size(rgb.shape[0], rgb.shape[1], cfg.long_side)
     x = preprocess(rgb, hw, torch.device("cpu"))[0]
     channels = [x]
@@ -190,7 +184,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     for image_id, names in tqdm(by_image.items(), desc="saliency maps", unit="img", disable=not progress):
         got = cache.get_image(image_id, names, negatives if in_channels == 5 else "none",
-                              lambda i=image_id: _load_raw_rgb(dataset.image_path(i)))
+                              lambda i=image_id: dataset.load_rgb(i))
         entries.update({(image_id, n): e for n, e in got.items()})
     if cfg.saliency == "cam_gated":
         for image_id, names in tqdm(by_image.items(), desc="CAM gates", unit="img", disable=not progress):

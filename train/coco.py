@@ -216,6 +216,14 @@ class CocoConceptDataset:
         info = self._image_info(image_id)
         return self.images_dir / info.get("file_name", f"{int(image_id):012d}.jpg")
 
+    def load_rgb(self, image_id: int) -> np.ndarray:
+        """The image as HxWx3 uint8 RGB on its stored pixel grid, where COCO draws the masks: EXIF
+        orientation is not applied."""
+        from PIL import Image
+
+        with Image.open(self.image_path(image_id)) as im:
+            return np.asarray(im.convert("RGB"))
+
     def captions(self, image_id: int) -> list[str]:
         """The image's captions (stripped), [] when it has none or there is no captions.json."""
         self._image_info(image_id)
