@@ -110,7 +110,7 @@ class ClsSaliency(Method):
             mask = grabcut_refine(state.image, p, self.grabcut)
         else:
             mask = p >= self.threshold
-        presence = _probability_mass(state, proxies.related)  # what presence() computes, proxies in hand
+        presence = self.presence(state, concept)
         priors = [Prior(upsample_map(s_pos, state.size), self.name, concept, "saliency_positive", presence),
                   Prior(upsample_map(s_neg, state.size), self.name, concept, "saliency_negative"),
                   Prior(p, self.name, concept, "probability", float(p.max()))]
