@@ -12,7 +12,9 @@ The paper's DeepLabv3/ResNet-50 is replaced by a DeepLabv3+-style head on Effici
   (2, 4, 6): a ~448 px input gives a 14x14 c5 map, and DeepLabv3's (6, 12, 18) at stride 16 on a 33x33 map
   scale to about (2.5, 5, 7.6) here; rate 6 already spans 13 cells, i.e. almost the whole map;
 - low-level skip from c3 (stride 8, 40 ch -> 48 ch), decoder of two 3x3 conv+BN+ReLU at stride 8, 1x1
-  classifier to 2 channels, bilinear upsampling to the input size.
+  classifier to 2 channels, bilinear upsampling to the input size;
+- optionally (`priors_to_head`), the saliency maps averaged down to c5's and c3's grids are also concatenated
+  to the ASPP's and the low-level branch's inputs, so the trainable head sees them directly.
 Inputs must have sides that are multiples of 32 (the package's static "same" padding; see backbone.py).
 Drop-connect is off (as in `Backbone`). BatchNorm in the ASPP pooling branch needs batches of >= 2 to train.
 """
