@@ -89,7 +89,7 @@ def mean_saliency(maps: dict[int, torch.Tensor], labels, shape) -> torch.Tensor:
     return torch.stack([maps[int(c)] for c in labels]).mean(0)
 
 
-SALIENCY_MODES = ("guided_backprop", "cam_gated")
+SALIENCY_MODES = ("guided_backprop", "cam_gated", "cam")
 
 
 def class_activation(head: torch.Tensor, fc_weight: torch.Tensor, labels) -> torch.Tensor:
@@ -116,3 +116,12 @@ def cam_gate(saliency: torch.Tensor, activation: torch.Tensor) -> torch.Tensor:
                                          mode="bilinear", align_corners=False)[0, 0].to(saliency.device)
     gated = saliency.float() * up.clamp_min(0.0)
     return gated / gated.max().clamp_min(1e-12)
+
+
+def cam_prior(activation: torch.Tensor, shape) -> torch.Tensor:
+    """A dense prior: the labels' class activation map itself, upsampled (bilinear) to `shape` and
+    renormalised to [0, 1]. The project's `saliency=cam` option, not the paper's: guided-backprop maps are
+    sparse speckle, which a segmenter trained on frozen features learns to ignore (see the README)."""
+    up = torch.nn.functional.interpolate(activation[None, None].float(), size=tuple(shape), mode="bilinear",
+                                         align_corners=False)[0, 0].clamp_min(0.0)
+    return up / up.max().clamp_min(1e-12)

@@ -10,7 +10,7 @@ from ovseg.core.methods.cls_saliency import VARIANT_NEGATIVES, ClsSaliency, chec
 from ovseg.core.segmenter import packaged_checkpoint
 from ovseg.train.cls_saliency import VARIANTS
 
-PACKAGED = [(v, "guided_backprop") for v in VARIANTS] + [("sem2c_neg", "cam_gated")]
+PACKAGED = [(v, "guided_backprop") for v in VARIANTS] + [("sem2c_neg", "cam_gated"), ("sem2c_neg", "cam")]
 
 
 @pytest.mark.parametrize("variant, saliency", PACKAGED)
@@ -73,3 +73,16 @@ def test_cam_gated_priors_tell_positive_from_negative_labels(predictor, examples
     plain = correlation("guided_backprop")
     gated = correlation("cam_gated")
     assert plain > 0.8 and gated < plain - 0.2, (plain, gated)
+
+
+@pytest.mark.slow
+def test_cam_priors_are_dense_and_need_no_guided_backprop(predictor, examples_dir):
+    predictor.set_image(examples_dir / "cat.jpg")
+    state = predictor._state
+    state.cache.pop("guided_backprop", None)
+    r = predictor.predict("cat", methods="cls_saliency[saliency=cam,grabcut=off]").results[0]
+    assert "guided_backprop" not in state.cache and r.details["saliency"] == "cam"
+    s_pos = r.priors[0].map
+    assert s_pos.max() > 0.95 and (s_pos > 0.1).mean() > 0.1  # upsampled to the image: the peak may dip
+    plain = predictor.predict("cat", methods="cls_saliency[grabcut=off]").results[0].priors[0].map
+    assert (s_pos > 0.1).mean() > 3 * (plain > 0.1).mean()

@@ -7,7 +7,8 @@ normalised as the classifier expects, and the class's instance mask as the targe
 Variants (the paper's ablation): sem0c (RGB only), sem1c (RGB + S+), sem2c_rand (S- from random labels),
 sem2c_neg (S- from the classifier's top unrelated labels: the method). `--saliency cam_gated` trains on
 S+/S- gated by the labels' class activation maps instead (the project's class-discriminative option, not the
-paper's); its checkpoint folder is <variant>-cam_gated.
+paper's); its checkpoint folder is <variant>-cam_gated; `--saliency cam` trains on the labels' class
+activation maps themselves (dense priors; folder <variant>-cam).
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ovseg.core.backbone import input_size, preprocess
 from ovseg.core.cache import atomic_write_bytes, atomic_write_text, cache_dir
 from ovseg.core.methods.cls_saliency import checkpoint_name
 from ovseg.core.models import Models
 from ovseg.core.proxy_labels import K, proxy_labels
-from ovseg.core.saliency import SALIENCY_MODES, cam_gate, class_activation, label_saliency, mean_saliency
-from ovseg.core.segmenter import ClassAgnosticSegmenter, SegmenterConfig, segmentation_loss
+from ovseg.core.saliency import (SALIENCY_MODES, cam_gate, cam_prior, class_activation, label_saliency,
+                                 mean_saliency)
+from ovseg.core.segmenter import SegmenterConfig
 from ovseg.train.coco import CocoConceptDataset, base_training_pairs, split_image_ids, training_mask
+from ovseg.train.segmenter_fit import fit_segmenter, loss_summary, resized_target, training_sample
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +121,9 @@ class SaliencyCache:
 
 def _gate_entries(models: Models, cfg: TrainConfig, dataset, image_id: int, names: list[str], negatives: str,
                   entries: dict) -> None:
-    """Replace the cached guided-backprop S+/S- of an image's pairs by their CAM-gated versions (the same
-    proxy labels as the cache used: same mapper, K, negatives and seed)."""
+    """Replace the cached guided-backprop S+/S- of an image's pairs by their CAM-gated versions, or by the
+    labels' CAM itself when cfg.saliency is "cam" (the same proxy labels as the cache used: same mapper, K,
+    negatives and seed)."""
     rgb = dataset.load_rgb(image_id)
     x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], cfg.long_side), models.device)
     with torch.no_grad():
@@ -132,8 +135,11 @@ def _gate_entries(models: Models, cfg: TrainConfig, dataset, image_id: int, name
         entry = entries[(image_id, name)]
         for key, labels in (("pos", proxies.positive), ("neg", proxies.negative)):
             if key in entry:
-                gated = cam_gate(torch.from_numpy(entry[key].astype(np.float32)),
-                                 class_activation(head, fc, labels))
+                activation = class_activation(head, fc, labels)
+                if cfg.saliency == "cam":
+                    gated = cam_prior(activation, entry[key].shape)
+                else:
+                    gated = cam_gate(torch.from_numpy(entry[key].astype(np.float32)), activation)
                 entry[key] = gated.numpy().astype(np.float16)
 
 
@@ -141,23 +147,11 @@ def _sample(dataset, image_id, name, entry, cfg: TrainConfig, in_channels: int, 
     """-> (in_channels, S, S) input and (S, S) long target at the training size. `targets` keeps each pair's
     resized target, so its annotations are decoded once, not once per epoch."""
     rgb = dataset.load_rgb(image_id)
-    hw = input_size(rgb.shape[0], rgb.shape[1], cfg.long_side)
-    x = preprocess(rgb, hw, torch.device("cpu"))[0]
-    channels = [x]
-    if in_channels >= 4:
-        channels.append(torch.from_numpy(entry["pos"].astype(np.float32))[None])
-    if in_channels == 5:
-        channels.append(torch.from_numpy(entry["neg"].astype(np.float32))[None])
-    x = torch.cat(channels)[None]
-    size = (cfg.train_size, cfg.train_size)
-    x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)[0]
+    x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], cfg.long_side), torch.device("cpu"))[0]
+    priors = [torch.from_numpy(entry[k].astype(np.float32)) for k in ("pos", "neg")[: in_channels - 3]]
     if (image_id, name) not in targets:
-        target = torch.from_numpy(training_mask(dataset, image_id, name))[None, None].float()
-        targets[(image_id, name)] = F.interpolate(target, size=size, mode="nearest")[0, 0].to(torch.uint8)
-    target = targets[(image_id, name)].long()
-    if flip:
-        x, target = x.flip(-1), target.flip(-1)
-    return x, target
+        targets[(image_id, name)] = resized_target(training_mask(dataset, image_id, name), cfg.train_size)
+    return training_sample(x, priors, targets[(image_id, name)].long(), cfg.train_size, flip)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
@@ -186,39 +180,19 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         got = cache.get_image(image_id, names, negatives if in_channels == 5 else "none",
                               lambda i=image_id: dataset.load_rgb(i))
         entries.update({(image_id, n): e for n, e in got.items()})
-    if cfg.saliency == "cam_gated":
-        for image_id, names in tqdm(by_image.items(), desc="CAM gates", unit="img", disable=not progress):
+    if cfg.saliency in ("cam_gated", "cam"):
+        for image_id, names in tqdm(by_image.items(), desc=f"{cfg.saliency} priors", unit="img", disable=not progress):
             _gate_entries(models, cfg, dataset, image_id, names, negatives, entries)
     saliency_s = time.perf_counter() - t0
 
     seg_cfg = SegmenterConfig(in_channels=in_channels, train_backbone=cfg.train_backbone,
                               priors_to_head=cfg.priors_to_head)
-    model = ClassAgnosticSegmenter.from_package(seg_cfg, torch.Generator().manual_seed(cfg.seed))
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * ((len(pairs) + cfg.batch_size - 1) // cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1)
-    losses, targets, t1 = [], {}, time.perf_counter()
-    bar = tqdm(total=steps, desc=f"train {checkpoint_name(cfg.variant, cfg.saliency)}", unit="step",
-               disable=not progress)
-    model.train()
-    for epoch in range(cfg.epochs):
-        order = pairs[:]
-        rng.shuffle(order)
-        for b in range(0, len(order), cfg.batch_size):
-            batch = [_sample(dataset, i, n, entries[(i, n)], cfg, in_channels, rng.random() < 0.5, targets)
-                     for i, n in order[b : b + cfg.batch_size]]
-            x = torch.stack([s[0] for s in batch])
-            y = torch.stack([s[1] for s in batch])
-            loss = segmentation_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(losses[-20:]):.3f}")
-    bar.close()
-    return _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, time.perf_counter() - t1)
+    targets: dict = {}
+    model, losses, train_s = fit_segmenter(
+        seg_cfg, pairs, lambda pair, flip: _sample(dataset, *pair, entries[pair], cfg, in_channels, flip, targets),
+        epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
+        rng=rng, progress=progress, desc=f"train {checkpoint_name(cfg.variant, cfg.saliency)}")
+    return _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, train_s)
 
 
 def _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, train_s) -> Path:
@@ -234,9 +208,7 @@ def _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, t
                  "held_out_ids_sha1": hashlib.sha1(json.dumps(held_ids).encode()).hexdigest(),
                  "pairs_per_class": dict(sorted(classes.items())),
                  "classes": "base classes only (DESIGN.md split); no target-class mask is read"},
-        "loss": {"first_20": float(np.mean(losses[:20])), "last_20": float(np.mean(losses[-20:])),
-                 "steps": len(losses), "curve_every_10": [round(float(np.mean(losses[i:i + 10])), 4)
-                                                          for i in range(0, len(losses), 10)]},
+        "loss": loss_summary(losses),
         "seconds": {"saliency_maps": round(saliency_s, 1), "training": round(train_s, 1)},
         "torch": torch.__version__,
     }
@@ -254,9 +226,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="sem2c_neg", choices=sorted(VARIANTS))
     p.add_argument("--mapper", default="wordnet", choices=("wordnet", "text"))
     p.add_argument("--saliency", default="guided_backprop", choices=SALIENCY_MODES,
-                   help="guided_backprop (the paper's) or cam_gated (S+/S- gated by the labels' CAM)")
+                   help="guided_backprop (the paper's), cam_gated (S+/S- gated by the labels' CAM) or cam "
+                        "(the labels' CAM itself, dense)")
     p.add_argument("--priors-to-head", action="store_true",
                    help="also feed the priors to the trainable head (ASPP and low-level branch)")
+    p.add_argument("--train-backbone", default=TrainConfig.train_backbone, choices=("none", "stem", "all"),
+                   help="which backbone part trains besides the head (all: the paper's full fine-tuning, "
+                        "slower)")
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--max-pairs", type=int, default=None, help="train on a random subset (quick runs)")
@@ -265,5 +241,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> Path:
     cfg = TrainConfig(coco_dir=args.coco, out=args.out, variant=args.variant, mapper=args.mapper,
                       saliency=args.saliency, priors_to_head=args.priors_to_head,
+                      train_backbone=args.train_backbone,
                       epochs=args.epochs, batch_size=args.batch_size, max_pairs=args.max_pairs)
     return train(cfg)

@@ -22,7 +22,8 @@ from ovseg.core.imagenet import imagenet_classes
 from ovseg.core.methods.base import ImageState, Method, upsample_map
 from ovseg.core.proxy_labels import K, proxy_labels
 from ovseg.core.registry import register_method
-from ovseg.core.saliency import SALIENCY_MODES, cam_gate, class_activation, label_saliency, mean_saliency
+from ovseg.core.saliency import (SALIENCY_MODES, cam_gate, cam_prior, class_activation, label_saliency,
+                                 mean_saliency)
 from ovseg.core.segmenter import foreground_probability, load_segmenter, packaged_checkpoint
 from ovseg.core.types import ConceptResult, Prior
 
@@ -47,8 +48,8 @@ class ClsSaliency(Method):
                  threshold: float = 0.5, k: int = K):
         """variant: the paper's ablation (sem0c: RGB only; sem1c: + S+; sem2c_rand: + S- of random labels;
         sem2c_neg: + S- of the classifier's top unrelated labels, the method and the default). saliency:
-        "guided_backprop" (the paper's) or "cam_gated" (S+/S- gated by the same labels' CAM; see
-        `ovseg.core.saliency.cam_gate`). Both select a packaged checkpoint; a `checkpoint` folder instead
+        "guided_backprop" (the paper's), "cam_gated" (S+/S- gated by the same labels' CAM; see
+        `ovseg.core.saliency.cam_gate`) or "cam" (the labels' CAM itself, `cam_prior`). Both select a packaged checkpoint; a `checkpoint` folder instead
         brings its own variant and saliency in its config.json."""
         super().__init__(models, variant=variant, saliency=saliency, checkpoint=checkpoint, mapper=mapper,
                          grabcut=grabcut, k=k)
@@ -89,12 +90,16 @@ class ClsSaliency(Method):
         # Words the user marks as negative join the classifier's distractors in S-.
         extra = [c for n in negatives for c in proxy_labels(self.models, n, probs, self.mapper, 1, "none").positive]
         neg_labels = tuple(dict.fromkeys(proxies.negative + tuple(extra)))
-        maps = label_saliency(self.models.guided_net, state.cache, state.input, proxies.positive + neg_labels)
         shape = tuple(state.input.shape[-2:])
+        head, fc = state.features.head[0].float(), self.models.backbone.classifier.weight
+        if self.saliency == "cam":  # dense CAM priors: no guided backprop at all
+            s_pos = cam_prior(class_activation(head, fc, proxies.positive), shape)
+            s_neg = cam_prior(class_activation(head, fc, neg_labels), shape)
+            return proxies, neg_labels, s_pos, s_neg
+        maps = label_saliency(self.models.guided_net, state.cache, state.input, proxies.positive + neg_labels)
         s_pos = mean_saliency(maps, proxies.positive, shape).to(state.input.device)
         s_neg = mean_saliency(maps, neg_labels, shape).to(state.input.device)
         if self.saliency == "cam_gated":
-            head, fc = state.features.head[0].float(), self.models.backbone.classifier.weight
             s_pos = cam_gate(s_pos, class_activation(head, fc, proxies.positive))
             s_neg = cam_gate(s_neg, class_activation(head, fc, neg_labels))
         return proxies, neg_labels, s_pos, s_neg
