@@ -29,7 +29,11 @@ from ovseg.train.coco import BASE_CLASSES, SCORED_CLASSES, TARGET_CLASSES, CocoC
 ABLATION = ["cam"] + [
     f"cls_saliency[variant={variant},grabcut={grabcut}]"
     for variant in ("sem0c", "sem1c", "sem2c_rand", "sem2c_neg") for grabcut in ("on", "off")
-] + [f"cls_saliency[variant=sem2c_neg,saliency=cam_gated,grabcut={g}]" for g in ("on", "off")]
+] + [f"cls_saliency[variant=sem2c_neg,saliency={s},grabcut={g}]" for s in ("cam_gated", "cam") for g in ("on", "off")]
+
+
+# Priors scored as attention maps (pointing game, soft IoU): CAM's and Concept Mask's coarse and refined maps.
+ATTENTION_KINDS = ("attention", "attention_refined")
 
 
 def held_out_image_ids(dataset: CocoConceptDataset) -> set[int]:
@@ -54,6 +58,10 @@ class _Scores:
         self.labels = defaultdict(list)
         self.ms_concept: list[float] = []
         self.seconds = 0.0
+        self.pointing = defaultdict(lambda: defaultdict(list))  # prior kind -> class -> hit (0/1) per pair
+        self.soft_iou = defaultdict(lambda: defaultdict(list))  # prior kind -> class -> eq. 5 per pair
+        self.precision = defaultdict(list)
+        self.recall = defaultdict(list)
 
     def add_presence(self, scores: dict[str, float], targets) -> None:
         for c, s in scores.items():
@@ -67,6 +75,28 @@ class _Scores:
             self.iou_held_out[concept].append(self.iou[concept][-1])
         not_crowd = ~targets.crowd[concept] if concept in targets.crowd else None
         self.iou_strict[concept].append(mask_iou(mask, gt, not_crowd))
+        valid = targets.valid_for(concept)
+        predicted, hit = mask & valid, (mask & gt & valid).sum()
+        self.precision[concept].append(float(hit / predicted.sum()) if predicted.any() else 0.0)
+        self.recall[concept].append(float(hit / (gt & valid).sum()) if (gt & valid).any() else 0.0)
+
+    def add_attention(self, concept: str, priors, targets) -> None:
+        """Concept Mask's attention measures (sec. 5.2) of each attention prior: the pointing game (the map's
+        maximum inside the class's mask) and the soft IoU of eq. 5 over the valid pixels."""
+        gt, valid = targets.gt[concept], targets.valid_for(concept)
+        for prior in priors:
+            if prior.kind not in ATTENTION_KINDS:
+                continue
+            peak = np.unravel_index(int(np.argmax(prior.map)), prior.map.shape)
+            self.pointing[prior.kind][concept].append(float(gt[peak]))
+            a, g = prior.map[valid].astype(np.float64), gt[valid].astype(np.float64)
+            den = np.maximum(a, g).sum()
+            self.soft_iou[prior.kind][concept].append(float((a * g).sum() / den) if den > 0 else 0.0)
+
+
+def _class_mean(per_pair: dict[str, list[float]]) -> dict[str, float]:
+    """Mean over classes of each class's mean (the pointing game's "mean accuracy across the concepts")."""
+    return _split_mean({c: [float(np.mean(v))] for c, v in per_pair.items() if v})
 
 
 def _split_mean(per_pair: dict[str, list[float]]) -> dict[str, float]:
@@ -172,6 +202,7 @@ def evaluate(
                 elapsed += elapsed_masks
                 for result in prediction.results:
                     acc[m].add_mask(result.concept, result.mask, targets, is_held_out)
+                    acc[m].add_attention(result.concept, result.priors, targets)
             acc[m].seconds += elapsed + predictor.last_set_image_ms / 1000.0
         for c in present:  # the trivial reference: every pixel is the class (what the ignore rule forgives)
             whole.add_mask(c, np.ones(targets.shape, dtype=bool), targets, is_held_out)
@@ -190,7 +221,13 @@ def evaluate(
             "images_per_second": len(ids) / s.seconds if s.seconds else float("nan"),
             "per_class_iou": {c: float(np.mean(v)) for c, v in s.iou.items()},
             "per_class_ap": per_class_ap,
+            "mask_precision": _split_mean(s.precision),
+            "mask_recall": _split_mean(s.recall),
         }
+        if s.pointing:
+            out_methods[m]["attention"] = {kind: {"pointing_game": _class_mean(s.pointing[kind]),
+                                                  "soft_iou": _split_mean(s.soft_iou[kind])}
+                                           for kind in s.pointing}
     metrics = {
         "dataset": {"root": str(Path(root).resolve()), "images": len(ids), "pairs_target": pairs["target"],
                     "pairs_base": pairs["base"], "held_out_images": len(held_out.intersection(ids)),

@@ -211,6 +211,30 @@ def _class_groups(methods: Mapping[str, Mapping], key: str) -> list[tuple[str, l
     return [(title, names) for title, names in groups if names]
 
 
+def _attention_section(methods: Mapping[str, Mapping]) -> list[str]:
+    """Concept Mask's Table 1 measures for every method with attention priors, and every method's mask
+    precision / recall (the binary mask, per pair, over the valid pixels)."""
+    lines = ["", "## Masks: precision and recall", ""]
+    rows = [[m, _fmt(_get(r, "mask_precision", "target")), _fmt(_get(r, "mask_recall", "target")),
+             _fmt(_get(r, "concept_miou", "target")), _fmt(_get(r, "mask_precision", "base")),
+             _fmt(_get(r, "mask_recall", "base")), _fmt(_get(r, "concept_miou", "base"))]
+            for m, r in methods.items()]
+    lines += _markdown_table(["method", "precision target", "recall target", "IoU target", "precision base",
+                              "recall base", "IoU base"], rows)
+    rows = []
+    for m, r in methods.items():
+        for kind, a in (r.get("attention") or {}).items():
+            rows.append([m, kind, _fmt(_get(a, "pointing_game", "target")), _fmt(_get(a, "soft_iou", "target")),
+                         _fmt(_get(a, "pointing_game", "base")), _fmt(_get(a, "soft_iou", "base"))])
+    if rows:
+        lines += ["", "## Attention maps (Concept Mask's Table 1 measures)", "",
+                  "Pointing game: the share of (image, class) pairs whose map peaks inside the class's mask, "
+                  "averaged per class; soft IoU: eq. 5, sum(a * G) / sum(max(a, G)) over the labelled pixels.", ""]
+        lines += _markdown_table(["method", "map", "pointing target", "soft IoU target", "pointing base",
+                                  "soft IoU base"], rows, align_left=2)
+    return lines
+
+
 def _report_markdown(metrics: Mapping, files: Mapping[str, str]) -> str:
     methods = _methods(metrics)
     header, rows = _rows(metrics)
@@ -236,6 +260,7 @@ def _report_markdown(metrics: Mapping, files: Mapping[str, str]) -> str:
             "Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()),
         ]
 
+    lines += _attention_section(methods)
     lines += ["", "## Protocol", ""]
     protocol = metrics.get("protocol") or _DEFAULT_PROTOCOL
     lines += [f"{i}. {text}" for i, text in enumerate(protocol, 1)]

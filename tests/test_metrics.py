@@ -114,3 +114,33 @@ def test_harmonic_mean():
     assert harmonic_mean(0.0, 0.0) == 0.0
     assert math.isnan(harmonic_mean(float("nan"), 0.5))
     assert math.isnan(harmonic_mean(0.0, float("nan")))
+
+
+def test_evaluation_scores_attention_maps_and_mask_precision_recall_by_hand():
+    from ovseg.app.evaluate import _class_mean, _Scores
+    from ovseg.core.types import Prior
+    from ovseg.train.coco import ConceptTargets
+
+    gt = np.zeros((4, 4), dtype=bool)
+    gt[:2, :2] = True  # "cat", a target class: 4 pixels
+    valid = np.ones((4, 4), dtype=bool)
+    valid[3, 3] = False  # an unlabelled pixel: ignored
+    targets = ConceptTargets(gt={"cat": gt}, valid=valid)
+    att = np.zeros((4, 4), dtype=np.float32)
+    att[0, 0], att[0, 2], att[3, 3] = 0.5, 1.0, 1.0  # peak outside the mask (first maximum: (0, 2))
+    refined = gt.astype(np.float32)
+    s = _Scores()
+    s.add_attention("cat", [Prior(att, "m", "cat", "attention"), Prior(refined, "m", "cat", "attention_refined"),
+                            Prior(att, "m", "cat", "probability")], targets)
+    assert s.pointing["attention"]["cat"] == [0.0] and s.pointing["attention_refined"]["cat"] == [1.0]
+    assert "probability" not in s.pointing
+    # eq. 5 over the valid pixels: sum(a G) = 0.5; sum(max(a, G)) = 4 (inside) + 1.0 at (0, 2)
+    assert s.soft_iou["attention"]["cat"] == [pytest.approx(0.5 / 5.0)]
+    assert s.soft_iou["attention_refined"]["cat"] == [1.0]
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[0, :] = True  # 4 pixels, 2 of them in the mask
+    mask[3, 3] = True  # unlabelled: not counted
+    s.add_mask("cat", mask, targets)
+    assert s.precision["cat"] == [0.5] and s.recall["cat"] == [0.5]
+    # pointing: mean over classes of each class's hit rate
+    assert _class_mean({"cat": [1.0, 0.0, 0.0, 0.0], "dog": [1.0]})["target"] == pytest.approx((0.25 + 1.0) / 2)
