@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     from ovseg.train.cls_saliency import add_arguments as cls_saliency_arguments
 
     cls_saliency_arguments(tsub.add_parser("cls_saliency", help="Golub et al.'s class-agnostic segmenter"))
+    from ovseg.train.concept_mask import add_arguments as concept_mask_arguments
+
+    concept_mask_arguments(tsub.add_parser("concept_mask", help="Concept Mask's attention and segmentation networks"))
 
     x = sub.add_parser("proxies", help="the ImageNet classes each mapper relates to words (Golub et al.'s Table 2)")
     x.add_argument("words", nargs="+", help="words, e.g. car dog sofa")
@@ -128,10 +131,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ovseg.train import cls_saliency
+    from ovseg.train import cls_saliency, concept_mask
 
-    out = {"cls_saliency": cls_saliency.run}[args.method](args)
-    print(f"wrote {out}/ (weights.pt, config.json, training.json)")
+    out = {"cls_saliency": cls_saliency.run, "concept_mask": concept_mask.run}[args.method](args)
+    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 

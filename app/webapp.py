@@ -62,13 +62,13 @@ def has_grabcut(method: str) -> bool:
 
 
 # The saliency priors a method with a `saliency` option can use, as (label shown, option value).
-SALIENCY_CHOICES = [("guided backprop (the paper's)", "guided_backprop"), ("CAM-gated guided backprop", "cam_gated")]
+SALIENCY_CHOICES = [("guided backprop (the paper's)", "guided_backprop"), ("CAM-gated guided backprop", "cam_gated"),
+                    ("class activation maps (dense)", "cam")]
 
 
 def default_threshold(method: str) -> float | None:
-    """The method's default mask threshold (its constructor's default), None if it has none."""
-    param = inspect.signature(get_method(method)).parameters.get("threshold")
-    return None if param is None or param.default is inspect.Parameter.empty else float(param.default)
+    """The method's default mask threshold, None if it has none."""
+    return get_method(method).default_threshold()
 
 
 class Engine:

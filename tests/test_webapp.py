@@ -174,6 +174,29 @@ def test_saliency_method_shows_both_priors_proxy_labels_and_a_grabcut_switch(pag
 
 
 @pytest.mark.browser
+def test_concept_mask_shows_coarse_and_refined_attention_the_mask_and_presence(page):
+    from playwright.sync_api import expect
+
+    _upload(page, EXAMPLES / "cat.jpg")
+    page.locator("#method input").click()
+    page.get_by_role("option", name="concept_mask").click()
+    expect(page.locator("#saliency")).to_be_hidden()
+    _type_words(page, "cat, zebra")
+    page.click("#segment-btn")
+    expect(page.locator("#results .thumbnail-item img")).to_have_count(8, timeout=SEGMENT_TIMEOUT_MS)
+    captions = page.locator("#results .caption-label").all_inner_texts()
+    assert [c.split(" · ")[:2] for c in captions[:4]] == [
+        ["cat", "attention"], ["cat", "attention refined"], ["cat", "probability"], ["cat", "mask"]
+    ], captions
+    status = _status(page)
+    assert "verification cosine" in status and "verified present" in status, status
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    _screenshot(page, "app_concept_mask.png")
+
+
+@pytest.mark.browser
 def test_bad_upload_gives_a_readable_message(page, tmp_path):
     from playwright.sync_api import expect
 

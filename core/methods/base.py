@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,6 +64,15 @@ class Method:
         if not 0.0 <= value <= 1.0:
             raise OvsegError(f"the {self.name} mask threshold must lie in [0, 1], got {value}")
         self._threshold = value
+
+    @classmethod
+    def default_threshold(cls) -> float | None:
+        """The mask threshold an instance gets without options (its constructor's default); None if the
+        method has no threshold."""
+        param = inspect.signature(cls).parameters.get("threshold")
+        if param is None or param.default is inspect.Parameter.empty or param.default is None:
+            return None
+        return float(param.default)
 
     def predict(
         self, state: ImageState, concept: str, negatives: tuple[str, ...] = (), caption: str | None = None
