@@ -24,3 +24,20 @@ def predictor():
     p.models.backbone, p.models.text_encoder, p.models.class_name_embeddings
     p.models.lexicon.imagenet_match("dog")
     return p
+
+
+@pytest.fixture
+def decoded_categories(monkeypatch) -> list:
+    """The category names of every annotation pycocotools decodes into a mask during the test, in order
+    (to assert that training never reads a target-class mask)."""
+    from pycocotools.coco import COCO
+
+    decoded = []
+    real = COCO.annToMask
+
+    def spy(self, ann):
+        decoded.append(self.cats[ann["category_id"]]["name"])
+        return real(self, ann)
+
+    monkeypatch.setattr(COCO, "annToMask", spy)
+    return decoded

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
 
 from ovseg.train.coco import TARGET_CLASSES, CocoConceptDataset, base_training_pairs, training_mask
 
@@ -37,19 +36,13 @@ def test_pairs_hold_base_classes_only(dataset):
     assert len(pairs) == 1059 and not {n for _, n in pairs} & set(TARGET_CLASSES)
 
 
-def test_a_short_training_run_reads_no_target_mask_and_writes_a_loadable_checkpoint(tmp_path, monkeypatch):
+def test_a_short_training_run_reads_no_target_mask_and_writes_a_loadable_checkpoint(tmp_path, monkeypatch,
+                                                                                    decoded_categories):
     from ovseg.core.segmenter import load_segmenter
     from ovseg.train.cls_saliency import TrainConfig, train
 
     monkeypatch.setenv("OVSEG_CACHE_DIR", str(tmp_path / "cache"))
-    decoded = []
-    real = COCO.annToMask
-
-    def spy(self, ann):
-        decoded.append(self.cats[ann["category_id"]]["name"])
-        return real(self, ann)
-
-    monkeypatch.setattr(COCO, "annToMask", spy)
+    decoded = decoded_categories
     cfg = TrainConfig(coco_dir=str(COCO_DEV), out=str(tmp_path / "ck"), max_pairs=4, epochs=1, batch_size=2,
                       train_size=96)
     out = train(cfg, progress=False)

@@ -6,7 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from pycocotools.coco import COCO
 
 from ovseg.core.imagenet import imagenet_classes
 from ovseg.train.coco import TARGET_CLASSES
@@ -68,18 +67,11 @@ def test_image_tags_take_target_classes_from_captions_only():
 @pytest.mark.slow
 @pytest.mark.skipif(not COCO_DEV.is_dir(), reason=f"shared data not found at {COCO_DEV}")
 def test_a_short_training_run_reads_no_target_annotation_and_loads_as_the_method(tmp_path, monkeypatch, predictor,
-                                                                                  examples_dir):
+                                                                                  examples_dir, decoded_categories):
     import ovseg.train.concept_mask as cm
     from ovseg.core.methods.concept_mask import ConceptMask
 
-    decoded = []
-    real = COCO.annToMask
-
-    def spy(self, ann):
-        decoded.append(self.cats[ann["category_id"]]["name"])
-        return real(self, ann)
-
-    monkeypatch.setattr(COCO, "annToMask", spy)
+    decoded = decoded_categories
     boxes_read = []
     real_boxes = cm.base_boxes
 

@@ -139,19 +139,30 @@ def test_segment_shows_maps_masks_and_scores(page):
     _screenshot(page, "app_segment.png")
 
 
+def _choose_method(page, name: str) -> None:
+    page.locator("#method input").click()
+    page.get_by_role("option", name=name).click()
+
+
+def _segment(page, words: str, images: int) -> list[str]:
+    """Type the words, click Segment, wait for `images` result images; their captions."""
+    from playwright.sync_api import expect
+
+    _type_words(page, words)
+    page.click("#segment-btn")
+    expect(page.locator("#results .thumbnail-item img")).to_have_count(images, timeout=SEGMENT_TIMEOUT_MS)
+    return page.locator("#results .caption-label").all_inner_texts()
+
+
 @pytest.mark.browser
 def test_saliency_method_shows_both_priors_proxy_labels_and_a_grabcut_switch(page):
     from playwright.sync_api import expect
 
     _upload(page, EXAMPLES / "cat.jpg")
     expect(page.locator("#grabcut")).to_be_hidden()  # cam has no GrabCut step
-    page.locator("#method input").click()
-    page.get_by_role("option", name="cls_saliency").click()
+    _choose_method(page, "cls_saliency")
     expect(page.locator("#grabcut")).to_be_visible()
-    _type_words(page, "cat")
-    page.click("#segment-btn")
-    expect(page.locator("#results .thumbnail-item img")).to_have_count(4, timeout=SEGMENT_TIMEOUT_MS)
-    captions = page.locator("#results .caption-label").all_inner_texts()
+    captions = _segment(page, "cat", images=4)
     assert [c.split(" · ")[1] for c in captions] == [
         "saliency positive (√ scale)", "saliency negative (√ scale)", "probability", "mask"
     ], captions
@@ -178,13 +189,9 @@ def test_concept_mask_shows_coarse_and_refined_attention_the_mask_and_presence(p
     from playwright.sync_api import expect
 
     _upload(page, EXAMPLES / "cat.jpg")
-    page.locator("#method input").click()
-    page.get_by_role("option", name="concept_mask").click()
+    _choose_method(page, "concept_mask")
     expect(page.locator("#saliency")).to_be_hidden()
-    _type_words(page, "cat, zebra")
-    page.click("#segment-btn")
-    expect(page.locator("#results .thumbnail-item img")).to_have_count(8, timeout=SEGMENT_TIMEOUT_MS)
-    captions = page.locator("#results .caption-label").all_inner_texts()
+    captions = _segment(page, "cat, zebra", images=8)
     assert [c.split(" · ")[:2] for c in captions[:4]] == [
         ["cat", "attention"], ["cat", "attention refined"], ["cat", "probability"], ["cat", "mask"]
     ], captions
