@@ -8,6 +8,7 @@ The eval runner builds a `metrics` dict::
           "concept_miou": {"target": float, "base": float, "h": float},
           "concept_miou_strict": {"target": float, "base": float, "h": float},
           "presence_ap": {"target": float, "base": float, "h": float},
+          "presence_ap_held_out": {"target": float, "base": float, "h": float},
           "ms_per_image": float, "ms_per_concept": float, "images_per_second": float,
           "per_class_iou": {class_name: float},
           "per_class_ap": {class_name: float},
@@ -51,6 +52,8 @@ _SCORE_COLUMNS = (
     ("strict h", "concept_miou_strict", "h"),
     ("AP tgt", "presence_ap", "target"),
     ("AP base", "presence_ap", "base"),
+    ("AP tgt held-out", "presence_ap_held_out", "target"),
+    ("AP base held-out", "presence_ap_held_out", "base"),
 )
 _TIME_COLUMNS = (("ms/image", "ms_per_image"), ("ms/concept", "ms_per_concept"))
 
@@ -63,7 +66,9 @@ _DEFAULT_PROTOCOL = (
     "trained part has seen.",
     "Strict mIoU: the same, but unlabelled pixels count as background (false positives when predicted).",
     "Presence AP: per class, the image-level score of the concept ranks all images (positive: the class has "
-    "an instance), non-interpolated AP averaged over classes; h is the harmonic mean of target and base.",
+    "an instance), non-interpolated AP averaged over classes; h is the harmonic mean of target and base. "
+    "'Held-out' ranks only the images training held out (a trained method may remember the training "
+    "images' tags).",
     "Timing: ms/image is the median of `set_image` (decode, resize, backbone, once per image); ms/concept the "
     "median per word (maps and mask, over the classes present) once the image is set; one forward of the "
     "CLIPSeg architecture (random weights) is timed in the same run as a reference, on the device listed above.",

@@ -144,3 +144,22 @@ def test_evaluation_scores_attention_maps_and_mask_precision_recall_by_hand():
     assert s.precision["cat"] == [0.5] and s.recall["cat"] == [0.5]
     # pointing: mean over classes of each class's hit rate
     assert _class_mean({"cat": [1.0, 0.0, 0.0, 0.0], "dog": [1.0]})["target"] == pytest.approx((0.25 + 1.0) / 2)
+
+
+def test_presence_ap_on_held_out_images_ranks_only_those():
+    from ovseg.app.evaluate import _presence, _Scores
+    from ovseg.train.coco import ConceptTargets
+
+    valid = np.ones((2, 2), dtype=bool)
+    with_cat = ConceptTargets(gt={"cat": valid.copy()}, valid=valid)
+    without = ConceptTargets(gt={}, valid=valid)
+    s = _Scores()
+    # training images: a perfect ranking (remembered); held-out images: the absent one scores higher
+    s.add_presence({"cat": 0.9}, with_cat, held_out=False)
+    s.add_presence({"cat": 0.1}, without, held_out=False)
+    s.add_presence({"cat": 0.3}, with_cat, held_out=True)
+    s.add_presence({"cat": 0.6}, without, held_out=True)
+    everything = _presence(s)[0]["target"]
+    held = _presence(s, held_out_only=True)[0]["target"]
+    assert held == pytest.approx(0.5)  # the one positive ranks second of two
+    assert everything == pytest.approx((1.0 + 2 / 3) / 2)  # positives at ranks 1 and 3
