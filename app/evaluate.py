@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovseg.core.metrics import average_precision, harmonic_mean, mask_iou, precision_recall_curve
+from ovseg.core.metrics import average_precision, harmonic_mean, mask_iou, precision_recall_curve, soft_iou
 from ovseg.core.predictor import Predictor
 from ovseg.train.coco import BASE_CLASSES, SCORED_CLASSES, TARGET_CLASSES, CocoConceptDataset, split_image_ids
 
@@ -91,9 +91,7 @@ class _Scores:
                 continue
             peak = np.unravel_index(int(np.argmax(prior.map)), prior.map.shape)
             self.pointing[prior.kind][concept].append(float(gt[peak]))
-            a, g = prior.map[valid].astype(np.float64), gt[valid].astype(np.float64)
-            den = np.maximum(a, g).sum()
-            self.soft_iou[prior.kind][concept].append(float((a * g).sum() / den) if den > 0 else 0.0)
+            self.soft_iou[prior.kind][concept].append(soft_iou(prior.map, gt, valid))
 
 
 def _class_mean(per_pair: dict[str, list[float]]) -> dict[str, float]:

@@ -269,7 +269,7 @@ def build_app(predictor=None, device: str = "auto"):
                 saliency = gr.Radio(SALIENCY_CHOICES, value="guided_backprop", label="Saliency priors",
                                     elem_id="saliency", visible=has_option(first, "saliency"),
                                     info="CAM-gated: S+/S- weighted by the proxy labels' class activation "
-                                         "maps (class-discriminative; not in the paper)")
+                                         "maps; CAM: those maps themselves (both not in the paper)")
                 button = gr.Button("Segment", variant="primary", elem_id="segment-btn")
             with gr.Column(scale=3, min_width=360):
                 gallery = gr.Gallery(label="Results", elem_id="results", columns=2, interactive=False,

@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ovseg.core.cache import atomic_write_bytes
-from ovseg.core.embedding_net import ConvEmbeddingNet, RefinementNet, attention_maps, normalise_maps
+from ovseg.core.embedding_net import (ConvEmbeddingNet, RefinementNet, attention_maps, normalise_maps,
+                                     verification_score)
 from ovseg.core.errors import ModelError
 from ovseg.core.pmi import TagEmbedding
 
@@ -58,20 +59,21 @@ class AttentionNet(nn.Module):
     def refined_logits(self, coarse: torch.Tensor) -> torch.Tensor:
         return self.refine.logits(coarse)
 
+    def maps(self, head: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"dense": (B, D, h, w), "coarse": (B, V, h, w), "refined": (B, V, h, w) in (0, 1)} of head features
+        (B, C, h, w)."""
+        dense = self.dense(head.float())
+        coarse = self.coarse(dense)
+        return {"dense": dense, "coarse": coarse, "refined": torch.sigmoid(self.refined_logits(coarse))}
+
     def embed_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
         """(B, C) pooled features -> (B, D) embeddings (the fc network, as 1x1 convolutions on a 1x1 map)."""
         return self.embed(pooled[:, :, None, None])[:, :, 0, 0]
 
     def verification(self, head: torch.Tensor, attention: torch.Tensor, word: torch.Tensor) -> torch.Tensor:
-        """Supplementary 5: the attention map (B, h, w), rectified and normalised to sum 1 (uniform where it
-        is all zero), weights an average pooling of the features (B, C, h, w); the pooled feature goes
-        through the embedding network; cosine similarity with the word vector (D,). -> (B,)"""
-        a = attention.clamp_min(0.0)
-        total = a.sum(dim=(-2, -1), keepdim=True)
-        uniform = torch.full_like(a, 1.0 / (a.shape[-2] * a.shape[-1]))
-        weights = torch.where(total > 0, a / torch.where(total > 0, total, torch.ones_like(total)), uniform)
-        pooled = torch.einsum("bchw,bhw->bc", head, weights)
-        return F.cosine_similarity(self.embed_pooled(pooled), word[None, :].to(pooled.dtype), dim=-1)
+        """Supplementary 5 (`verification_score`) through this network's embedding: head (B, C, h, w),
+        attention (B, h, w), word (D,) -> (B,) cosine similarities."""
+        return verification_score(head, attention, self.embed_pooled, word)
 
     def save(self, path: str | Path) -> Path:
         buf = io.BytesIO()  # float16 on disk (half the size; float32 again at load)
@@ -153,17 +155,10 @@ class ConceptAttentionModel:
         return out
 
     @torch.no_grad()
-    def maps(self, head: torch.Tensor, cache: dict | None = None) -> dict[str, torch.Tensor]:
+    def maps(self, head: torch.Tensor) -> dict[str, torch.Tensor]:
         """{"dense": (D, h, w), "coarse": (V, h, w), "refined": (V, h, w) in (0, 1)} for one image's head
-        features (1, C, h, w); kept in `cache` (a dict the caller owns) when given."""
-        if cache is not None and "dense" in cache:
-            return cache
-        dense = self.net.dense(head.float())
-        coarse = self.net.coarse(dense)
-        out = {"dense": dense[0], "coarse": coarse[0], "refined": torch.sigmoid(self.net.refined_logits(coarse))[0]}
-        if cache is not None:
-            cache.update(out)
-        return out
+        features (1, C, h, w)."""
+        return {k: v[0] for k, v in self.net.maps(head).items()}
 
     @torch.no_grad()
     def attention(self, maps: dict[str, torch.Tensor], w: WordAttention) -> dict[str, torch.Tensor]:

@@ -9,6 +9,8 @@ refinement network turns the coarse maps of all concepts into refined maps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -83,8 +85,8 @@ def normalise_maps(maps: torch.Tensor) -> torch.Tensor:
     return rect / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
-def verification_score(features: torch.Tensor, attention: torch.Tensor, net: EmbeddingNet,
-                       word: torch.Tensor) -> torch.Tensor:
+def verification_score(features: torch.Tensor, attention: torch.Tensor,
+                       net: EmbeddingNet | Callable[[torch.Tensor], torch.Tensor], word: torch.Tensor) -> torch.Tensor:
     """Concept verification score (supplementary 5).
 
     The attention map, rectified and normalised to sum 1 (uniform where it sums to 0), weights an average
@@ -94,7 +96,8 @@ def verification_score(features: torch.Tensor, attention: torch.Tensor, net: Emb
     Args:
         features: (B, C, h, w) CNN features.
         attention: (B, h, w) attention maps of the concept.
-        net: the embedding network (its train/eval mode is left as it is).
+        net: the embedding network, or any callable (B, C) -> (B, D) that applies it (its train/eval mode
+            is left as it is).
         word: (D,) the concept's word vector.
 
     Returns:

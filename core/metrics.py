@@ -30,6 +30,16 @@ def _as_mask(array, name: str) -> np.ndarray:
     return mask
 
 
+def soft_iou(attention: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """Concept Mask's soft IoU of an attention map in [0, 1] (eq. 5): sum(a * G) / sum(max(a, G)) over the
+    valid pixels (all when `valid` is None); 0.0 when both are empty there."""
+    a, g = np.asarray(attention, dtype=np.float64), np.asarray(gt, dtype=np.float64)
+    if valid is not None:
+        a, g = a[valid], g[valid]
+    den = np.maximum(a, g).sum()
+    return float((a * g).sum() / den) if den > 0 else 0.0
+
+
 def mask_iou(pred, gt, valid=None) -> float:
     """Intersection over union of two boolean masks, counted over the valid pixels only.
 

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ovseg.core.metrics import average_precision, harmonic_mean, mask_iou, precision_recall_curve
+from ovseg.core.metrics import average_precision, harmonic_mean, mask_iou, precision_recall_curve, soft_iou
 
 
 def _mask(rows):
@@ -163,3 +163,12 @@ def test_presence_ap_on_held_out_images_ranks_only_those():
     held = _presence(s, held_out_only=True)[0]["target"]
     assert held == pytest.approx(0.5)  # the one positive ranks second of two
     assert everything == pytest.approx((1.0 + 2 / 3) / 2)  # positives at ranks 1 and 3
+
+
+def test_soft_iou_is_eq5_on_a_hand_made_map():
+    a = np.array([[1.0, 0.5], [0.0, 0.25]])
+    g = np.array([[1, 1], [0, 0]], dtype=bool)
+    # sum(a * g) = 1.5; sum(max(a, g)) = 1 + 1 + 0 + 0.25
+    assert soft_iou(a, g) == pytest.approx(1.5 / 2.25)
+    assert soft_iou(a, g, valid=np.array([[True, True], [True, False]])) == pytest.approx(0.75)
+    assert soft_iou(np.zeros((2, 2)), np.zeros((2, 2), dtype=bool)) == 0.0

@@ -3,13 +3,12 @@
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from ovseg.core.imagenet import imagenet_classes
 from ovseg.train.coco import TARGET_CLASSES
-from ovseg.train.concept_mask import box_grid, pseudo_tags, soft_iou
+from ovseg.train.concept_mask import box_grid, pseudo_tags
 
 COCO_DEV = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "coco_dev"
 
@@ -23,15 +22,6 @@ def test_box_grid_marks_half_covered_cells_and_keeps_tiny_boxes():
     # two boxes: their union
     both = box_grid([[0, 0, 50, 30], [95, 95, 5, 5]], (100, 100), (10, 10))
     assert both.sum() == 16
-
-
-def test_soft_iou_is_eq5_on_a_hand_made_map():
-    a = np.array([[1.0, 0.5], [0.0, 0.25]])
-    g = np.array([[1, 1], [0, 0]], dtype=bool)
-    # sum(a * g) = 1.5; sum(max(a, g)) = 1 + 1 + 0 + 0.25
-    assert soft_iou(a, g) == pytest.approx(1.5 / 2.25)
-    assert soft_iou(a, g, valid=np.array([[True, True], [True, False]])) == pytest.approx(0.75)
-    assert soft_iou(np.zeros((2, 2)), np.zeros((2, 2), dtype=bool)) == 0.0
 
 
 def test_pseudo_tags_are_the_confident_imagenet_classes():

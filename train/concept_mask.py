@@ -42,9 +42,11 @@ from ovseg.core.concept_losses import (C_MATCH, N_TOP, box_loss, gamma_weights, 
                                        spatial_discrimination_loss)
 from ovseg.core.embedding_net import EmbeddingNet, cosine_embedding_loss, normalise_maps
 from ovseg.core.imagenet import imagenet_classes
+from ovseg.core.methods.base import upsample_map
+from ovseg.core.metrics import mask_iou, soft_iou
 from ovseg.core.models import Models
 from ovseg.core.pmi import TagEmbedding, fit_linear_map, idf, pmi_embedding, pmi_matrix, soft_topic
-from ovseg.core.segmenter import SegmenterConfig
+from ovseg.core.segmenter import SegmenterConfig, foreground_probability
 from ovseg.train.coco import (BASE_CLASSES, CocoConceptDataset, assert_no_target_annotations, base_training_pairs,
                               split_image_ids, training_mask)
 from ovseg.train.segmenter_fit import fit_segmenter, loss_summary, resized_target, training_sample
@@ -253,19 +255,6 @@ def train_refinement(att: AttentionNet, original: AttentionNet, samples: list[di
     return losses
 
 
-def soft_iou(attention: np.ndarray, gt: np.ndarray, valid: np.ndarray | None = None) -> float:
-    """Eq. 5: sum(alpha * G) / sum(max(alpha, G)) over the (valid) pixels."""
-    a, g = attention.astype(np.float64), gt.astype(np.float64)
-    if valid is not None:
-        a, g = a[valid], g[valid]
-    den = np.maximum(a, g).sum()
-    return float((a * g).sum() / den) if den > 0 else 0.0
-
-
-def _upsample(m: torch.Tensor, hw: tuple[int, int]) -> np.ndarray:
-    return F.interpolate(m[None, None].float(), size=hw, mode="bilinear", align_corners=False)[0, 0].numpy()
-
-
 def choose_theta(att: AttentionNet, tags: TagEmbedding, refined: list[str], held: list[dict], grid) -> dict:
     """Sec. 4.4's theta, chosen without any target class: each base class q of a held-out image is treated
     as a concept without boxes; its attention is theta * its coarse map + (1 - theta) * the refined map of
@@ -275,9 +264,8 @@ def choose_theta(att: AttentionNet, tags: TagEmbedding, refined: list[str], held
     scores = {t: [] for t in grid}
     with torch.no_grad():
         for s in held:
-            dense = att.dense(s["head"].float()[None])
-            coarse = att.coarse(dense)[0]
-            ref = torch.sigmoid(att.refined_logits(coarse[None]))[0]
+            maps = att.maps(s["head"][None])
+            coarse, ref = maps["coarse"][0], maps["refined"][0]
             for name, mask in s["masks"].items():
                 q = refined.index(name)
                 sims = unit @ unit[q]
@@ -287,7 +275,7 @@ def choose_theta(att: AttentionNet, tags: TagEmbedding, refined: list[str], held
                 a_p = normalise_maps(ref[p])
                 for t in grid:
                     blend = normalise_maps(t * a_q + (1 - t) * a_p)
-                    scores[t].append(soft_iou(_upsample(blend, mask.shape), mask))
+                    scores[t].append(soft_iou(upsample_map(blend, mask.shape), mask))
     means = {t: float(np.mean(v)) if v else 0.0 for t, v in scores.items()}
     return {"theta": max(means, key=means.get), "soft_iou_by_theta": {str(t): round(v, 4) for t, v in means.items()}}
 
@@ -300,7 +288,7 @@ def choose_presence_threshold(att: AttentionNet, tags: TagEmbedding, held: list[
     with torch.no_grad():
         for s in held:
             head = s["head"].float()[None]
-            ref = torch.sigmoid(att.refined_logits(att.coarse(att.dense(head))))[0]
+            ref = att.maps(head)["refined"][0]
             for name in refined:
                 k = tags.index[name]
                 w = torch.from_numpy(tags.vectors[k]).float()
@@ -334,19 +322,16 @@ def choose_mask_threshold(model, att: AttentionNet, dataset, held_ids, feats, ta
                 continue
             rgb = dataset.load_rgb(image_id)
             x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], cfg.seg_long_side), torch.device("cpu"))
-            refined = [torch.sigmoid(att.refined_logits(att.coarse(att.dense(feats[image_id]["scales"][s][0].float()[None]))))[0]
-                       for s in cfg.scales][-channels:]
+            refined = [att.maps(feats[image_id]["scales"][s][0][None])["refined"][0] for s in cfg.scales][-channels:]
             for name in names:
                 maps = [F.interpolate(normalise_maps(r[tags.index[name]])[None, None], size=x.shape[-2:],
                                       mode="bilinear", align_corners=False) for r in refined]
-                prob = torch.softmax(model(torch.cat([x] + maps, dim=1)), dim=1)[0, 1]
+                prob = foreground_probability(model(torch.cat([x] + maps, dim=1)))[0]
                 prob = F.interpolate(prob[None, None], size=rgb.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-                target = torch.from_numpy(training_mask(dataset, image_id, name))
-                keep, gt = target != 255, target == 1
+                target = training_mask(dataset, image_id, name)
+                prob = prob.numpy()
                 for t in MASK_THRESHOLDS:
-                    pred = (prob >= t) & keep
-                    union = (pred | gt).sum()
-                    ious[t].append(float((pred & gt).sum() / union) if union else 1.0)
+                    ious[t].append(mask_iou(prob >= t, target == 1, target != 255))
     means = {t: float(np.mean(v)) if v else 0.0 for t, v in ious.items()}
     return {"threshold": max(means, key=means.get), "held_out_base_iou_by_threshold": {str(t): round(v, 4)
                                                                                      for t, v in means.items()}}
@@ -371,10 +356,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     t0 = time.perf_counter()
     feats: dict[int, dict] = {}
     docs = []
+    training = set(train_ids)
     for image_id in tqdm(train_ids + held_ids, desc="features", unit="img", disable=not progress):
         rgb = dataset.load_rgb(image_id)
         entry = {"hw": rgb.shape[:2], "scales": {s: _scaled_features(models, rgb, s) for s in cfg.scales}}
-        if image_id in set(train_ids):
+        if image_id in training:
             x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], cfg.seg_long_side), models.device)
             with torch.no_grad():
                 probs = torch.softmax(models.backbone(x).logits[0].float(), 0)
@@ -473,21 +459,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         order = np.random.default_rng(cfg.seed).permutation(sorted(train_ids))
         halves = [set(order[: len(order) // 2].tolist()), set(order[len(order) // 2 :].tolist())]
         for half in halves:
-            other = sorted(set(train_ids) - half)
+            other = sorted(training - half)
             net = fit_attention(other, [("attention", True)], quiet=True)[1]["attention"]
             net_for.update({i: net for i in half})
     seconds["cross_fit"] = time.perf_counter() - t1
     att_maps: dict[tuple, list[torch.Tensor]] = {}
+    names_of: dict[int, list[str]] = {}
+    for image_id, name in pairs:
+        names_of.setdefault(image_id, []).append(name)
     with torch.no_grad():
-        for image_id in sorted({i for i, _ in pairs}):
-            net = net_for[image_id]
-            per_scale = []
-            for s in cfg.scales:
-                head = feats[image_id]["scales"][s][0].float()[None]
-                per_scale.append(torch.sigmoid(net.refined_logits(net.coarse(net.dense(head))))[0])
-            for i, n in pairs:
-                if i == image_id:
-                    att_maps[(i, n)] = [normalise_maps(r[tags.index[n]]) for r in per_scale]
+        for image_id, names in names_of.items():
+            per_scale = [net_for[image_id].maps(feats[image_id]["scales"][s][0][None])["refined"][0]
+                         for s in cfg.scales]
+            for name in names:
+                att_maps[(image_id, name)] = [normalise_maps(r[tags.index[name]]) for r in per_scale]
     targets: dict = {}
 
     def sample(pair, flip, channels):

@@ -49,8 +49,9 @@ class ClsSaliency(Method):
         """variant: the paper's ablation (sem0c: RGB only; sem1c: + S+; sem2c_rand: + S- of random labels;
         sem2c_neg: + S- of the classifier's top unrelated labels, the method and the default). saliency:
         "guided_backprop" (the paper's), "cam_gated" (S+/S- gated by the same labels' CAM; see
-        `ovseg.core.saliency.cam_gate`) or "cam" (the labels' CAM itself, `cam_prior`). Both select a packaged checkpoint; a `checkpoint` folder instead
-        brings its own variant and saliency in its config.json."""
+        `ovseg.core.saliency.cam_gate`) or "cam" (the labels' CAM itself, `cam_prior`). Both select a
+        packaged checkpoint; a `checkpoint` folder instead brings its own variant and saliency in its
+        config.json."""
         super().__init__(models, variant=variant, saliency=saliency, checkpoint=checkpoint, mapper=mapper,
                          grabcut=grabcut, k=k)
         if variant is not None and variant not in VARIANT_NEGATIVES:

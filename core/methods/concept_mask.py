@@ -35,6 +35,12 @@ def packaged_model() -> Path:
     return Path(str(resources.files("ovseg.assets").joinpath("checkpoints", "concept_mask")))
 
 
+def _chosen_threshold(config: dict, scales: int) -> float:
+    """The mask threshold training chose for the segmenter with this many attention channels (0.5 when the
+    model's config.json has none)."""
+    return float(config.get("mask_threshold", {}).get("segmenter" if scales == 2 else "segmenter_single", 0.5))
+
+
 @register_method("concept_mask")
 class ConceptMask(Method):
     summary = "Concept Mask: PMI word embedding -> attention at two scales -> refinement -> label-agnostic segmenter"
@@ -57,16 +63,13 @@ class ConceptMask(Method):
         self.segmenter = load_segmenter(folder / ("segmenter" if scales == 2 else "segmenter_single"), models.device)
         self.attention_variant, self.n_scales, self.verify = attention, scales, bool(verify)
         self.scales = tuple(self.model.config["scales"])
-        chosen = self.model.config.get("mask_threshold", {}).get("segmenter" if scales == 2 else "segmenter_single", 0.5)
-        self.threshold = chosen if threshold is None else threshold
+        self.threshold = _chosen_threshold(self.model.config, scales) if threshold is None else threshold
 
     @classmethod
     def default_threshold(cls) -> float | None:
         """The threshold training chose for the packaged two-scale segmenter (None without a packaged model)."""
         path = packaged_model() / "config.json"
-        if not path.is_file():
-            return None
-        return float(json.loads(path.read_text()).get("mask_threshold", {}).get("segmenter", 0.5))
+        return _chosen_threshold(json.loads(path.read_text()), scales=2) if path.is_file() else None
 
     def _text_vector(self, word: str) -> np.ndarray:
         return self.models.embed_words([word])[0].cpu().numpy()
