@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     from ovseg.train.concept_mask import add_arguments as concept_mask_arguments
 
     concept_mask_arguments(tsub.add_parser("concept_mask", help="Concept Mask's attention and segmentation networks"))
+    from ovseg.train.xpm import add_arguments as xpm_arguments
+
+    xpm_arguments(tsub.add_parser("xpm", help="XPM's teacher, caption pseudo-labels and robust student"))
 
     x = sub.add_parser("proxies", help="the ImageNet classes each mapper relates to words (Golub et al.'s Table 2)")
     x.add_argument("words", nargs="+", help="words, e.g. car dog sofa")
@@ -131,9 +134,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ovseg.train import cls_saliency, concept_mask
+    from ovseg.train import cls_saliency, concept_mask, xpm
 
-    out = {"cls_saliency": cls_saliency.run, "concept_mask": concept_mask.run}[args.method](args)
+    out = {"cls_saliency": cls_saliency.run, "concept_mask": concept_mask.run, "xpm": xpm.run}[args.method](args)
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 

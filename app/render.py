@@ -59,6 +59,34 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray, rgb=(230, 25, 75), alpha: 
     return out
 
 
+# A pseudo-mask whose reliability is below this is marked noisy in the app (red outline, "noisy" caption).
+NOISY_BELOW = 0.5
+
+
+def reliability_colour(reliability: float | None) -> tuple[int, int, int]:
+    """Outline colour of a pseudo-mask: green (reliable) through yellow to red (noisy); grey if unknown."""
+    if reliability is None:
+        return (200, 200, 200)
+    r = float(np.clip(reliability, 0.0, 1.0))
+    return (int(round(255 * min(1.0, 2 * (1 - r)))), int(round(255 * min(1.0, 2 * r))), 0)
+
+
+def pseudo_label_overlay(image: np.ndarray, label) -> np.ndarray:
+    """One pseudo-label: its noise map as a heatmap inside its mask (the image elsewhere, dimmed), and the
+    mask's outline in its reliability colour."""
+    out = (image.astype(np.float32) * 0.6).astype(np.uint8)
+    m = label.mask.astype(bool)
+    if label.noise_map is not None:
+        heat = heatmap_overlay(image, label.noise_map, alpha=0.6)
+        out[m] = heat[m]
+    else:
+        out[m] = image[m]
+    rgb = reliability_colour(label.reliability)
+    contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    cv2.drawContours(out, contours, -1, rgb, max(2, round(max(m.shape) / 200)))
+    return out
+
+
 def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", optimize=False)

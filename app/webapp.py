@@ -124,7 +124,7 @@ def _check_threshold(value) -> float:
 
 def gallery_items(out, image) -> list[tuple]:
     """Per word: each prior as a heatmap overlay, then the mask overlay, with readable captions."""
-    from ovseg.app.render import colour, mask_overlay, prior_overlay
+    from ovseg.app.render import NOISY_BELOW, colour, mask_overlay, prior_overlay, pseudo_label_overlay
 
     words = list(dict.fromkeys(r.concept for r in out.results))
     items = []
@@ -136,6 +136,14 @@ def gallery_items(out, image) -> list[tuple]:
             items.append((overlay, f"{r.concept} · {kind} · score {score:.2f}"))
         rgb = tuple(int(c) for c in colour(words.index(r.concept)))
         items.append((mask_overlay(image, r.mask, rgb), f"{r.concept} · mask · {r.ms:.0f} ms"))
+        # each instance pseudo-label (XPM): noise map inside the mask, outline coloured by reliability,
+        # the least reliable first so that the noisy ones stand out
+        order = sorted(r.pseudo_labels, key=lambda pl: 1.0 if pl.reliability is None else pl.reliability)
+        for k, pl in enumerate(order, 1):
+            rel = "" if pl.reliability is None else f" · reliability {pl.reliability:.2f}"
+            flag = " · NOISY" if pl.reliability is not None and pl.reliability < NOISY_BELOW else ""
+            items.append((pseudo_label_overlay(image, pl),
+                          f"{r.concept} · pseudo-mask {k} · score {pl.score:.2f}{rel}{flag}"))
     return items
 
 

@@ -1,0 +1,477 @@
+"""`ovseg train xpm`: XPM's teacher, cross-modal pseudo-labelling and robust student (seed 003, sec. 3.2).
+
+1. Teacher (sec. 3.2.1): proposal network, embedding head and class-agnostic mask head on the frozen
+   backbone, trained with L_GT on the base-class boxes and masks of the training images.
+2. Pseudo-labelling (eq. 2, 4): for every object noun of the training images' captions, the teacher's
+   proposal with the highest score v_o^T h_Emb(f_r), and its mask head's binarised mask there.
+3. eta (sec. 3.2.4, footnote 2): a robust student trained on a random half of the captioned images; eta is
+   the smallest mean pseudo-mask noise it estimates over the whole captioned set.
+4. Students, initialised from the teacher: the robust one (L_GT + L_M with noise, eq. 6 + L_X^alpha, eq. 7)
+   and, for the ablation, one without noise estimation (L_GT + eq. 5 + eq. 3).
+5. Evaluation on the held-out images (never trained on): instance mask mAP@0.5 (pycocotools), constrained
+   and generalised, target and base, for the three networks, and how reliability ranks pseudo-mask quality.
+
+Target-class boxes and masks are never read: only base-class annotations are decoded, after
+`assert_no_target_annotations`; target classes reach training through captions only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ovseg.core.backbone import input_size, preprocess
+from ovseg.core.boxes import box_iou, flip_boxes, roi_align
+from ovseg.core.cache import atomic_write_text
+from ovseg.core.caption_nouns import object_nouns
+from ovseg.core.models import Models
+from ovseg.core.xpm_losses import (classification_loss, cross_modal_loss, mask_loss, mean_noise, noisy_mask_loss,
+                                   proposal_loss, proposal_targets, reliability)
+from ovseg.core.xpm_model import XPMConfig, XPMNet, word_scores
+from ovseg.train.coco import BASE_CLASSES, CocoConceptDataset, assert_no_target_annotations, split_image_ids
+
+log = logging.getLogger(__name__)
+
+NETWORKS = ("teacher", "student_plain", "student")
+
+
+@dataclass
+class TrainConfig:
+    coco_dir: str
+    out: str
+    long_side: int = 448
+    channels: int = 96
+    teacher_epochs: int = 8
+    student_epochs: int = 6
+    eta_epochs: int = 3
+    eta_fraction: float = 0.5  # the subset of captioned images eta is estimated on
+    batch_images: int = 4  # gradients of this many images per step
+    lr: float = 1e-3
+    student_lr: float = 5e-4
+    weight_decay: float = 1e-4
+    rois_per_image: int = 64
+    positive_fraction: float = 0.25
+    proposals_train: int = 100
+    proposals_align: int = 100
+    noise_samples: int = 8
+    holdout_fraction: float = 0.2
+    seed: int = 0
+    ablation: bool = True  # also train the student without noise estimation
+    evaluate: bool = True
+    max_images: int | None = None
+
+
+def text(word: str) -> str:
+    return word.replace("_", " ")
+
+
+# ------------------------------------------------------------------------------------------- data
+
+def base_annotations(dataset: CocoConceptDataset, image_id: int, input_hw: tuple[int, int]) -> dict:
+    """The image's base-class instances (not crowd) at network-input scale: boxes (G, 4), labels (G,) as
+    1 + index into BASE_CLASSES, masks (G, H, W) bool. Only base-class annotations are decoded."""
+    import cv2
+
+    H, W = input_hw
+    h0, w0 = dataset.image_size(image_id)
+    sx, sy = W / w0, H / h0  # input sides are multiples of 32: the two scales differ a little
+    boxes, labels, masks = [], [], []
+    for ann in dataset._annotations(image_id):
+        name = dataset._cat_name[ann["category_id"]]
+        if name not in BASE_CLASSES or ann.get("iscrowd", 0):
+            continue
+        assert_no_target_annotations([name])
+        x, y, w, h = ann["bbox"]
+        if w < 1 or h < 1:
+            continue
+        m = dataset.coco.annToMask(ann)
+        m = cv2.resize(m, (W, H), interpolation=cv2.INTER_NEAREST).astype(bool)
+        boxes.append([x * sx, y * sy, (x + w) * sx, (y + h) * sy])
+        labels.append(1 + BASE_CLASSES.index(name))
+        masks.append(m)
+    return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "masks": torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, H, W), dtype=torch.bool)}
+
+
+def flip_annotations(gt: dict, width: int) -> dict:
+    return {"boxes": flip_boxes(gt["boxes"], width), "labels": gt["labels"], "masks": gt["masks"].flip(-1)}
+
+
+def image_features(models: Models, rgb: np.ndarray, long_side: int, flip: bool) -> dict:
+    hw = input_size(rgb.shape[0], rgb.shape[1], long_side)
+    x = preprocess(rgb, hw, models.device)
+    if flip:
+        x = x.flip(-1)
+    with torch.no_grad():
+        f = models.backbone(x)
+    return {"c3": f.c3.half(), "c4": f.c4.half(), "c5": f.c5.half()}
+
+
+def as_float(feats: dict) -> dict:
+    return {k: v.float() for k, v in feats.items()}
+
+
+def caption_nouns(dataset: CocoConceptDataset, image_id: int) -> list[str]:
+    """Distinct object nouns (lemmas) of all the image's captions."""
+    return list(dict.fromkeys(n.lemma for c in dataset.captions(image_id) for n in object_nouns(c)))
+
+
+# ------------------------------------------------------------------------------------------- RoIs
+
+def jitter(boxes: torch.Tensor, n: int, scale: float, gen: torch.Generator) -> torch.Tensor:
+    if boxes.numel() == 0:
+        return boxes
+    b = boxes.repeat(n, 1)
+    wh = torch.cat([b[:, 2:] - b[:, :2]] * 2, dim=1)
+    return b + (torch.rand(b.shape, generator=gen) * 2 - 1) * scale * wh
+
+
+def sample_rois(proposals: torch.Tensor, gt: dict, cfg: TrainConfig, input_hw, gen: torch.Generator) -> dict:
+    """Training regions of one image: proposals, the ground-truth boxes and jittered copies, random boxes.
+    Positives (IoU >= 0.5 with a base instance) up to `positive_fraction`, the rest background."""
+    H, W = input_hw
+    rnd = torch.rand((16, 4), generator=gen)
+    xy = torch.stack([rnd[:, 0] * W * 0.8, rnd[:, 1] * H * 0.8], 1)
+    wh = torch.stack([8 + rnd[:, 2] * (W - 8) * 0.6, 8 + rnd[:, 3] * (H - 8) * 0.6], 1)
+    random_boxes = torch.cat([xy, (xy + wh).clamp(max=torch.tensor([W, H], dtype=torch.float32))], 1)
+    cands = torch.cat([proposals, gt["boxes"], jitter(gt["boxes"], 4, 0.15, gen), random_boxes])
+    n_pos_max = int(cfg.rois_per_image * cfg.positive_fraction)
+    if gt["boxes"].numel():
+        iou = box_iou(cands, gt["boxes"])
+        best_iou, best = iou.max(dim=1)
+    else:
+        best_iou, best = torch.zeros(len(cands)), torch.zeros(len(cands), dtype=torch.long)
+    pos = torch.nonzero(best_iou >= 0.5).flatten()
+    neg = torch.nonzero(best_iou < 0.5).flatten()
+    pos = pos[torch.randperm(len(pos), generator=gen)[:n_pos_max]]
+    neg = neg[torch.randperm(len(neg), generator=gen)[: cfg.rois_per_image - len(pos)]]
+    idx = torch.cat([pos, neg])
+    labels = torch.zeros(len(idx), dtype=torch.long)
+    if len(pos):
+        labels[: len(pos)] = gt["labels"][best[pos]]
+    return {"boxes": cands[idx], "labels": labels, "n_pos": len(pos), "gt_index": best[pos]}
+
+
+def mask_targets(gt_masks: torch.Tensor, boxes: torch.Tensor, gt_index: torch.Tensor, size: int) -> torch.Tensor:
+    """(P, size, size) binary targets: each positive box's ground-truth instance mask, RoIAligned into it."""
+    if len(boxes) == 0:
+        return torch.zeros((0, size, size))
+    sel = gt_masks[gt_index].float()  # (P, H, W)
+    out = torch.stack([roi_align(sel[i:i + 1], boxes[i:i + 1], size, 1.0)[0, 0] for i in range(len(boxes))])
+    return (out >= 0.5).float()
+
+
+def gt_loss(net: XPMNet, pyr: dict, gt: dict, base_vectors: torch.Tensor, cfg: TrainConfig, input_hw,
+            gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+    """L_GT on one image: proposal loss + region classification (embedding head) + class-agnostic mask loss."""
+    maps = net.proposal_maps(pyr)
+    targets = proposal_targets(gt["boxes"], {s: tuple(m[0].shape[-2:]) for s, m in maps.items()}, net.cfg)
+    l_rpn = proposal_loss(maps, targets)
+    proposals, _ = net.proposals(pyr, input_hw, post_nms=cfg.proposals_train)
+    rois = sample_rois(proposals, gt, cfg, input_hw, gen)
+    scores = word_scores(net.embed(pyr, rois["boxes"]), base_vectors)
+    l_cls = classification_loss(scores, rois["labels"])
+    pos_boxes = rois["boxes"][: rois["n_pos"]]
+    if len(pos_boxes):
+        logits, _ = net.mask_and_noise(pyr, pos_boxes)
+        l_mask = mask_loss(logits, mask_targets(gt["masks"], pos_boxes, rois["gt_index"], net.cfg.mask_size))
+    else:
+        l_mask = scores.sum() * 0
+    return l_rpn + l_cls + l_mask, {"proposal": float(l_rpn), "classification": float(l_cls), "mask": float(l_mask)}
+
+
+# ------------------------------------------------------------------------------------------- training loops
+
+def _optimizer(net: XPMNet, lr: float, weight_decay: float):
+    return torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+
+
+def _fit(net: XPMNet, ids: list[int], step_loss, epochs: int, lr: float, cfg: TrainConfig, desc: str,
+         progress: bool) -> list[dict]:
+    """Shared loop: each step sums `step_loss(image_id, flip)` over `batch_images` images; cosine decay."""
+    from tqdm import tqdm
+
+    rng = random.Random(cfg.seed)
+    opt = _optimizer(net, lr, cfg.weight_decay)
+    steps = epochs * max(1, len(ids) // cfg.batch_images)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    history, step = [], 0
+    bar = tqdm(total=steps, desc=desc, unit="step", disable=not progress)
+    net.train()
+    for _ in range(epochs):
+        order = ids[:]
+        rng.shuffle(order)
+        for k in range(0, len(order) - cfg.batch_images + 1, cfg.batch_images):
+            opt.zero_grad(set_to_none=True)
+            parts: dict[str, float] = {}
+            total = 0.0
+            for image_id in order[k:k + cfg.batch_images]:
+                loss, info = step_loss(image_id, rng.random() < 0.5)
+                (loss / cfg.batch_images).backward()
+                total += float(loss) / cfg.batch_images
+                for key, v in info.items():
+                    parts[key] = parts.get(key, 0.0) + v / cfg.batch_images
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+            opt.step()
+            sched.step()
+            step += 1
+            history.append({"loss": total, **parts})
+            bar.update(1)
+            bar.set_postfix(loss=f"{total:.3f}")
+            if step >= steps:
+                break
+    bar.close()
+    net.eval()
+    return history
+
+
+def train_teacher(data: dict, ids: list[int], base_vectors, cfg: TrainConfig, progress: bool) -> tuple[XPMNet, list]:
+    torch.manual_seed(cfg.seed)
+    net = XPMNet(XPMConfig(channels=cfg.channels, word_dim=base_vectors.shape[1], long_side=cfg.long_side))
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def step(image_id, flip):
+        d = data[image_id]
+        pyr = net.pyramid(as_float(d["feats"][flip]))
+        return gt_loss(net, pyr, d["gt"][flip], base_vectors, cfg, d["input_hw"], gen)
+
+    return net, _fit(net, ids, step, cfg.teacher_epochs, cfg.lr, cfg, "teacher (L_GT)", progress)
+
+
+@torch.no_grad()
+def pseudo_label(teacher: XPMNet, data: dict, ids: list[int], vocab: list[str], vocab_vectors: torch.Tensor,
+                 cfg: TrainConfig, progress: bool) -> int:
+    """Eq. 2 and 4 on every captioned training image: stores data[id]["pseudo"][flip] with the aligned boxes,
+    the vocabulary index of each noun, the teacher's binarised 28x28 masks and the alignment scores."""
+    from tqdm import tqdm
+
+    index = {w: i for i, w in enumerate(vocab)}
+    n = 0
+    for image_id in tqdm(ids, desc="pseudo-labels", unit="img", disable=not progress):
+        d = data[image_id]
+        nouns = [w for w in d["nouns"] if w in index]
+        if not nouns:
+            d["pseudo"] = None
+            continue
+        pyr = teacher.pyramid(as_float(d["feats"][0]))
+        boxes, _ = teacher.proposals(pyr, d["input_hw"], post_nms=cfg.proposals_align)
+        if len(boxes) == 0:
+            d["pseudo"] = None
+            continue
+        idx = torch.tensor([index[w] for w in nouns])
+        scores = teacher.embed(pyr, boxes) @ vocab_vectors[idx].T  # (R, O)
+        best_score, best = scores.max(dim=0)
+        aligned = boxes[best]
+        logits, _ = teacher.mask_and_noise(pyr, aligned)
+        masks = logits >= 0
+        W = d["input_hw"][1]
+        d["pseudo"] = [{"boxes": aligned, "nouns": idx, "masks": masks, "scores": best_score},
+                       {"boxes": flip_boxes(aligned, W), "nouns": idx, "masks": masks.flip(-1), "scores": best_score}]
+        n += len(nouns)
+    return n
+
+
+def train_student(teacher: XPMNet, data: dict, ids: list[int], captioned: list[int], base_vectors, vocab_vectors,
+                  cfg: TrainConfig, robust: bool, eta: float | None, epochs: int, desc: str,
+                  progress: bool) -> tuple[XPMNet, list]:
+    """The student g, initialised from the teacher: L_GT on base classes, and on the captioned images L_M
+    (eq. 6 if robust, else eq. 5) and L_X (eq. 3; weighted by alpha = eta / noise level if robust and eta
+    is given)."""
+    torch.manual_seed(cfg.seed + 1)
+    net = XPMNet(XPMConfig(**{**teacher.cfg.to_dict(), "noise": robust}))
+    net.load_state_dict(teacher.state_dict(), strict=False)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    with_pseudo = set(captioned)
+
+    def step(image_id, flip):
+        d = data[image_id]
+        pyr = net.pyramid(as_float(d["feats"][flip]))
+        loss, info = gt_loss(net, pyr, d["gt"][flip], base_vectors, cfg, d["input_hw"], gen)
+        p = d.get("pseudo")
+        if image_id in with_pseudo and p:
+            p = p[flip]
+            logits, variance = net.mask_and_noise(pyr, p["boxes"])
+            emb = net.embed(pyr, p["boxes"])
+            if robust:
+                l_m = noisy_mask_loss(logits, variance, p["masks"], cfg.noise_samples).mean()
+                noise = mean_noise(variance)
+                alpha = reliability(noise, eta) if eta is not None else None
+                info["noise_level"] = float(noise.mean())
+            else:
+                l_m, alpha = mask_loss(logits, p["masks"]), None
+            l_x = cross_modal_loss(emb, vocab_vectors, p["nouns"], alpha)
+            loss = loss + l_m + l_x
+            info.update(pseudo_mask=float(l_m), cross_modal=float(l_x))
+        return loss, info
+
+    return net, _fit(net, ids, step, epochs, cfg.student_lr, cfg, desc, progress)
+
+
+@torch.no_grad()
+def noise_levels(student: XPMNet, data: dict, ids: list[int]) -> dict[int, torch.Tensor]:
+    """Each captioned image's pseudo masks' noise levels (mean pixel noise, sec. 3.2.4) under `student`."""
+    out = {}
+    for image_id in ids:
+        p = data[image_id].get("pseudo")
+        if not p:
+            continue
+        pyr = student.pyramid(as_float(data[image_id]["feats"][0]))
+        _, variance = student.mask_and_noise(pyr, p[0]["boxes"])
+        out[image_id] = mean_noise(variance)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the run
+
+def _summary(history: list[dict]) -> dict:
+    if not history:
+        return {}
+    keys = history[0].keys()
+    n = max(1, len(history) // 10)
+    return {k: {"first": round(float(np.mean([h.get(k, 0) for h in history[:n]])), 4),
+                "last": round(float(np.mean([h.get(k, 0) for h in history[-n:]])), 4)} for k in keys}
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    from tqdm import tqdm
+
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {}
+    torch.manual_seed(cfg.seed)
+    dataset = CocoConceptDataset(cfg.coco_dir)
+    train_ids, held_ids = split_image_ids(dataset.image_ids, cfg.holdout_fraction, cfg.seed)
+    if cfg.max_images:  # a quick run: captioned images first
+        train_ids = sorted(sorted(train_ids, key=lambda i: not dataset.captions(i))[: cfg.max_images])
+        held_ids = sorted(held_ids, key=lambda i: not dataset.captions(i))[: max(2, cfg.max_images // 4)]
+    models = Models("cpu")
+
+    t0 = time.perf_counter()
+    data: dict[int, dict] = {}
+    for image_id in tqdm(train_ids, desc="features", unit="img", disable=not progress):
+        rgb = dataset.load_rgb(image_id)
+        hw = input_size(rgb.shape[0], rgb.shape[1], cfg.long_side)
+        gt = base_annotations(dataset, image_id, hw)
+        data[image_id] = {"input_hw": hw, "feats": [image_features(models, rgb, cfg.long_side, f) for f in (False, True)],
+                          "gt": [gt, flip_annotations(gt, hw[1])], "nouns": caption_nouns(dataset, image_id)}
+    seconds["features"] = time.perf_counter() - t0
+
+    base_vectors = models.embed_words([text(n) for n in BASE_CLASSES]).float().cpu()
+    vocab = sorted({w for i in train_ids for w in data[i]["nouns"]})
+    if not vocab:
+        raise ValueError(f"no caption with an object noun among the {len(train_ids)} training images of "
+                         f"{cfg.coco_dir}: XPM needs captions.json")
+    vocab_vectors = models.embed_words([text(w) for w in vocab]).float().cpu()
+    captioned = [i for i in train_ids if data[i]["nouns"]]
+
+    t0 = time.perf_counter()
+    teacher, teacher_hist = train_teacher(data, train_ids, base_vectors, cfg, progress)
+    seconds["teacher"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    n_pseudo = pseudo_label(teacher, data, captioned, vocab, vocab_vectors, cfg, progress)
+    captioned = [i for i in captioned if data[i].get("pseudo")]
+    seconds["pseudo_labels"] = time.perf_counter() - t0
+
+    # eta: a robust student on a random half of the captioned set, then the smallest noise level it
+    # estimates over all of it (footnote 2)
+    t0 = time.perf_counter()
+    subset = sorted(random.Random(cfg.seed).sample(captioned, max(1, int(len(captioned) * cfg.eta_fraction))))
+    eta_net, eta_hist = train_student(teacher, data, subset, subset, base_vectors, vocab_vectors, cfg, True, None,
+                                      cfg.eta_epochs, "eta run (robust student, half the captions)", progress)
+    levels = noise_levels(eta_net, data, captioned)
+    eta = float(torch.cat(list(levels.values())).min())
+    del eta_net
+    seconds["eta"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    student, student_hist = train_student(teacher, data, train_ids, captioned, base_vectors, vocab_vectors, cfg, True,
+                                          eta, cfg.student_epochs, "robust student", progress)
+    seconds["student"] = time.perf_counter() - t0
+    nets = {"teacher": teacher, "student": student}
+    hists = {"teacher": teacher_hist, "student": student_hist, "eta_run": eta_hist}
+    if cfg.ablation:
+        t0 = time.perf_counter()
+        plain, plain_hist = train_student(teacher, data, train_ids, captioned, base_vectors, vocab_vectors, cfg, False,
+                                          None, cfg.student_epochs, "student without noise estimation", progress)
+        nets["student_plain"], hists["student_plain"] = plain, plain_hist
+        seconds["student_plain"] = time.perf_counter() - t0
+
+    # the shipped reliability scale: eq. 7 with eta the smallest noise level of the final student over the
+    # captioned set (alpha <= 1 there); the noise-map display scale: the 99th percentile pixel noise
+    final_levels = noise_levels(student, data, captioned)
+    all_levels = torch.cat(list(final_levels.values()))
+    eta_final = float(all_levels.min())
+    noise_scale = float(np.percentile(all_levels.numpy(), 99))
+
+    summary = {
+        "images": {"train": len(train_ids), "held_out": len(held_ids), "captioned": len(captioned)},
+        "vocabulary": len(vocab), "pseudo_labels": n_pseudo,
+        "base_instances": int(sum(len(data[i]["gt"][0]["labels"]) for i in train_ids)),
+        "eta_training": eta, "eta": eta_final, "noise_scale": noise_scale,
+        "noise_levels": {"min": float(all_levels.min()), "median": float(all_levels.median()),
+                         "max": float(all_levels.max())},
+        "losses": {k: _summary(v) for k, v in hists.items()},
+    }
+    extra = {"vocab": vocab, "eta": eta_final, "eta_training": eta, "noise_scale": noise_scale,
+             "base_classes": list(BASE_CLASSES)}
+
+    if cfg.evaluate:
+        from ovseg.train.xpm_eval import evaluate_networks
+
+        t0 = time.perf_counter()
+        summary["evaluation"] = evaluate_networks(nets, dataset, train_ids, held_ids, data, vocab, eta_final,
+                                                  models, cfg.long_side, progress)
+        seconds["evaluation"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    summary["seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    summary["torch"] = torch.__version__
+    return _save(cfg, nets, extra, summary)
+
+
+def _save(cfg: TrainConfig, nets: dict, extra: dict, summary: dict) -> Path:
+    """Write into a fresh folder beside cfg.out, then swap it in (an interrupted run keeps the previous model)."""
+    out = Path(cfg.out)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name, net in nets.items():
+        net.save(tmp / f"{name}.pt", extra)
+    atomic_write_text(tmp / "config.json", json.dumps({"train": asdict(cfg), "networks": sorted(nets), **extra},
+                                                      indent=2) + "\n")
+    atomic_write_text(tmp / "training.json", json.dumps(summary, indent=2) + "\n")
+    old = out.with_name(out.name + ".previous")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+    log.info("saved %s in %.0f s", out, summary["seconds"]["total"])
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coco", default="../shared/data/coco_dev", help="COCO folder (images/, instances.json, captions.json)")
+    p.add_argument("--out", default="assets/checkpoints/xpm", help="model folder (replaced when done)")
+    p.add_argument("--no-ablation", action="store_true", help="skip the student without noise estimation")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out instance mAP and reliability study")
+    p.add_argument("--max-images", type=int, default=None, help="train on the first N training images (quick runs)")
+    p.add_argument("--teacher-epochs", type=int, default=TrainConfig.teacher_epochs)
+    p.add_argument("--student-epochs", type=int, default=TrainConfig.student_epochs)
+    p.add_argument("--eta-epochs", type=int, default=TrainConfig.eta_epochs)
+
+
+def run(args) -> Path:
+    cfg = TrainConfig(coco_dir=args.coco, out=args.out, ablation=not args.no_ablation, evaluate=not args.no_eval,
+                      max_images=args.max_images, teacher_epochs=args.teacher_epochs,
+                      student_epochs=args.student_epochs, eta_epochs=args.eta_epochs)
+    return train(cfg)
