@@ -46,6 +46,7 @@ __all__ = ["format_table", "write_report"]
 _SCORE_COLUMNS = (
     # (header, section, key)
     ("mIoU tgt", "concept_miou", "target"),
+    ("tgt held-out", "concept_miou", "target_held_out"),
     ("mIoU base", "concept_miou", "base"),
     ("base held-out", "concept_miou", "base_held_out"),
     ("mIoU h", "concept_miou", "h"),
@@ -251,9 +252,11 @@ def _report_markdown(metrics: Mapping, files: Mapping[str, str]) -> str:
             f"{dataset.get('pairs_target', '?')} target and {dataset.get('pairs_base', '?')} base "
             "(image, class) pairs"
             + (f"; base classes segmented only on the {dataset.get('held_out_images', '?')} images held out of "
-               "training (target classes on every image)." if dataset.get("base_on_held_out_only") else
+               "training (target classes on every image)" if dataset.get("base_on_held_out_only") else
                f"; 'base held-out' averages the base pairs of the {dataset.get('held_out_images', '?')} "
-               "images held out of training."),
+               "images held out of training")
+            + "; 'tgt held-out' averages the target pairs of the held-out images only (XPM trains on "
+              "caption pseudo-labels of the others).",
             "",
         ]
     lines += _markdown_table(header, rows)

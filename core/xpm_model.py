@@ -11,7 +11,8 @@ detector is kept in its parts but made small:
 * h_Mask / g_Mask: the class-agnostic Mask R-CNN mask head (RoIAlign 14x14, four 3x3 convolutions, a 2x
   transposed convolution, 28x28 logits);
 * g_Noise (student only): a separate small network from the same region feature to the per-pixel noise
-  variance of the pseudo mask (28x28, softplus), eq. 6.
+  variance of the pseudo mask (28x28), eq. 6. It predicts the log variance, as Kendall & Gal do (the paper
+  follows them), clamped to [1e-4, 100]; it starts at 0.1.
 
 The RoI heads read the stride-8 level for every box (the pyramid's top-down path carries the coarser levels
 into it); boxes are the proposals themselves (no second-stage box regression).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from ovseg.core.backbone import BackboneFeatures
 from ovseg.core.boxes import clip_boxes, nms, roi_align
 
 BACKBONE_CHANNELS = {8: 40, 16: 112, 32: 320}
+LOG_VAR_MIN, LOG_VAR_MAX = math.log(1e-4), math.log(100.0)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class XPMConfig:
     size_ranges: tuple[tuple[float, float], ...] = ((0.0, 64.0), (64.0, 128.0), (128.0, 1e8))
     center_radius: float = 1.5  # positives lie within this many strides of the box centre
     noise: bool = False  # the student's g_Noise
+    noise_init: float = 0.1  # the noise variance g_Noise starts from
     long_side: int = 448  # network input long side (the predictor's)
     extra: dict = field(default_factory=dict)
 
@@ -155,6 +159,8 @@ class XPMNet(nn.Module):
         self.embedding = EmbeddingHead(c, cfg.emb_roi, cfg.emb_hidden, cfg.word_dim)
         self.mask = MaskHead(c, cfg.mask_convs)
         self.noise = MaskHead(c, cfg.noise_convs) if cfg.noise else None
+        if self.noise is not None:
+            nn.init.constant_(self.noise.net[-1].bias, math.log(cfg.noise_init))
 
     # ------------------------------------------------------------------ parts
     def pyramid(self, feats: BackboneFeatures | dict) -> dict[int, torch.Tensor]:
@@ -193,10 +199,10 @@ class XPMNet(nn.Module):
         return self.embedding(self.region_features(pyr, boxes, self.cfg.emb_roi))
 
     def mask_and_noise(self, pyr, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(R, 28, 28) mask logits and, for the student, (R, 28, 28) noise variances (softplus, > 0)."""
+        """(R, 28, 28) mask logits and, for the student, (R, 28, 28) noise variances in [1e-4, 100]."""
         f = self.region_features(pyr, boxes, self.cfg.mask_roi)
         logits = self.mask(f)
-        variance = F.softplus(self.noise(f)) + 1e-6 if self.noise is not None else None
+        variance = self.noise(f).clamp(LOG_VAR_MIN, LOG_VAR_MAX).exp() if self.noise is not None else None
         return logits, variance
 
     # ------------------------------------------------------------------ files

@@ -204,6 +204,30 @@ def test_concept_mask_shows_coarse_and_refined_attention_the_mask_and_presence(p
 
 
 @pytest.mark.browser
+def test_xpm_shows_each_pseudo_mask_with_its_noise_map_and_reliability(page):
+    _upload(page, EXAMPLES / "cat.jpg")
+    _choose_method(page, "xpm")
+    page.locator("#caption textarea").fill("A cat lying on a blanket next to a remote control.")
+    _type_words(page, "cat")
+    page.click("#segment-btn")
+    page.wait_for_function("document.querySelectorAll('#results .thumbnail-item img').length >= 4",
+                           timeout=SEGMENT_TIMEOUT_MS)
+    captions = page.locator("#results .caption-label").all_inner_texts()
+    assert [c.split(" · ")[:2] for c in captions[:3]] == [["cat", "probability"], ["cat", "noise"], ["cat", "mask"]]
+    pseudo = captions[3:]
+    assert pseudo and all(c.startswith("cat · pseudo-mask ") and "reliability" in c for c in pseudo), captions
+    reliabilities = [float(c.split("reliability ")[1].split(" ")[0]) for c in pseudo]
+    assert reliabilities == sorted(reliabilities)  # the least reliable first
+    assert all(("NOISY" in c) == (r < 0.5) for c, r in zip(pseudo, reliabilities))
+    status = _status(page)
+    assert "selected by" in status and "reliability" in status, status
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    _screenshot(page, "app_xpm.png")
+
+
+@pytest.mark.browser
 def test_bad_upload_gives_a_readable_message(page, tmp_path):
     from playwright.sync_api import expect
 

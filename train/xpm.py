@@ -68,6 +68,7 @@ class TrainConfig:
     ablation: bool = True  # also train the student without noise estimation
     evaluate: bool = True
     max_images: int | None = None
+    teacher: str | None = None  # reuse this trained teacher (a teacher.pt) instead of training one
 
 
 def text(word: str) -> str:
@@ -187,7 +188,7 @@ def gt_loss(net: XPMNet, pyr: dict, gt: dict, base_vectors: torch.Tensor, cfg: T
         l_mask = mask_loss(logits, mask_targets(gt["masks"], pos_boxes, rois["gt_index"], net.cfg.mask_size))
     else:
         l_mask = scores.sum() * 0
-    return l_rpn + l_cls + l_mask, {"proposal": float(l_rpn), "classification": float(l_cls), "mask": float(l_mask)}
+    return l_rpn + l_cls + l_mask, {"proposal": l_rpn.item(), "classification": l_cls.item(), "mask": l_mask.item()}
 
 
 # ------------------------------------------------------------------------------------------- training loops
@@ -218,7 +219,7 @@ def _fit(net: XPMNet, ids: list[int], step_loss, epochs: int, lr: float, cfg: Tr
             for image_id in order[k:k + cfg.batch_images]:
                 loss, info = step_loss(image_id, rng.random() < 0.5)
                 (loss / cfg.batch_images).backward()
-                total += float(loss) / cfg.batch_images
+                total += loss.item() / cfg.batch_images
                 for key, v in info.items():
                     parts[key] = parts.get(key, 0.0) + v / cfg.batch_images
             torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
@@ -306,29 +307,39 @@ def train_student(teacher: XPMNet, data: dict, ids: list[int], captioned: list[i
                 l_m = noisy_mask_loss(logits, variance, p["masks"], cfg.noise_samples).mean()
                 noise = mean_noise(variance)
                 alpha = reliability(noise, eta) if eta is not None else None
-                info["noise_level"] = float(noise.mean())
+                info["noise_level"] = noise.mean().item()
             else:
                 l_m, alpha = mask_loss(logits, p["masks"]), None
             l_x = cross_modal_loss(emb, vocab_vectors, p["nouns"], alpha)
             loss = loss + l_m + l_x
-            info.update(pseudo_mask=float(l_m), cross_modal=float(l_x))
+            info.update(pseudo_mask=l_m.item(), cross_modal=l_x.item())
         return loss, info
 
     return net, _fit(net, ids, step, epochs, cfg.student_lr, cfg, desc, progress)
 
 
 @torch.no_grad()
-def noise_levels(student: XPMNet, data: dict, ids: list[int]) -> dict[int, torch.Tensor]:
-    """Each captioned image's pseudo masks' noise levels (mean pixel noise, sec. 3.2.4) under `student`."""
+def pixel_noise(student: XPMNet, data: dict, ids: list[int]) -> dict[int, torch.Tensor]:
+    """Each captioned image's pseudo masks' pixel noise variances (P, 28, 28) under `student`."""
     out = {}
     for image_id in ids:
         p = data[image_id].get("pseudo")
         if not p:
             continue
         pyr = student.pyramid(as_float(data[image_id]["feats"][0]))
-        _, variance = student.mask_and_noise(pyr, p[0]["boxes"])
-        out[image_id] = mean_noise(variance)
+        _, out[image_id] = student.mask_and_noise(pyr, p[0]["boxes"])
     return out
+
+
+def noise_levels(student: XPMNet, data: dict, ids: list[int]) -> dict[int, torch.Tensor]:
+    """Each captioned image's pseudo masks' noise levels (mean pixel noise, sec. 3.2.4) under `student`."""
+    return {i: mean_noise(v) for i, v in pixel_noise(student, data, ids).items()}
+
+
+def noise_display_scale(variances: list[torch.Tensor]) -> float:
+    """The pixel noise variance shown as 1 in noise maps: the 99th percentile over the captioned set's pseudo
+    masks (the noise map is (variance - floor) / (this - floor), clipped to [0, 1])."""
+    return float(np.percentile(torch.cat([v.flatten() for v in variances]).numpy(), 99))
 
 
 # ------------------------------------------------------------------------------------------- the run
@@ -374,7 +385,15 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     captioned = [i for i in train_ids if data[i]["nouns"]]
 
     t0 = time.perf_counter()
-    teacher, teacher_hist = train_teacher(data, train_ids, base_vectors, cfg, progress)
+    if cfg.teacher:
+        teacher, _ = XPMNet.load(cfg.teacher)
+        previous = Path(cfg.teacher).with_name("training.json")  # keep the teacher's own loss record
+        teacher_hist = []
+        if previous.is_file():
+            seconds["teacher_training"] = json.loads(previous.read_text()).get("seconds", {}).get("teacher", 0.0)
+        log.info("reusing the teacher %s", cfg.teacher)
+    else:
+        teacher, teacher_hist = train_teacher(data, train_ids, base_vectors, cfg, progress)
     seconds["teacher"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -408,10 +427,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     # the shipped reliability scale: eq. 7 with eta the smallest noise level of the final student over the
     # captioned set (alpha <= 1 there); the noise-map display scale: the 99th percentile pixel noise
-    final_levels = noise_levels(student, data, captioned)
-    all_levels = torch.cat(list(final_levels.values()))
+    final_pixels = pixel_noise(student, data, captioned)
+    all_levels = torch.cat([mean_noise(v) for v in final_pixels.values()])
     eta_final = float(all_levels.min())
-    noise_scale = float(np.percentile(all_levels.numpy(), 99))
+    noise_scale = noise_display_scale(list(final_pixels.values()))
 
     summary = {
         "images": {"train": len(train_ids), "held_out": len(held_ids), "captioned": len(captioned)},
@@ -422,6 +441,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                          "max": float(all_levels.max())},
         "losses": {k: _summary(v) for k, v in hists.items()},
     }
+    if cfg.teacher and Path(cfg.teacher).with_name("training.json").is_file():
+        previous = json.loads(Path(cfg.teacher).with_name("training.json").read_text())
+        summary["losses"]["teacher"] = previous.get("losses", {}).get("teacher", {})
+        summary["teacher_from"] = str(cfg.teacher)
     extra = {"vocab": vocab, "eta": eta_final, "eta_training": eta, "noise_scale": noise_scale,
              "base_classes": list(BASE_CLASSES)}
 
@@ -468,10 +491,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-epochs", type=int, default=TrainConfig.teacher_epochs)
     p.add_argument("--student-epochs", type=int, default=TrainConfig.student_epochs)
     p.add_argument("--eta-epochs", type=int, default=TrainConfig.eta_epochs)
+    p.add_argument("--teacher", default=None,
+                   help="reuse a trained teacher (path to a teacher.pt) and train only the students")
 
 
 def run(args) -> Path:
     cfg = TrainConfig(coco_dir=args.coco, out=args.out, ablation=not args.no_ablation, evaluate=not args.no_eval,
                       max_images=args.max_images, teacher_epochs=args.teacher_epochs,
-                      student_epochs=args.student_epochs, eta_epochs=args.eta_epochs)
+                      student_epochs=args.student_epochs, eta_epochs=args.eta_epochs, teacher=args.teacher)
     return train(cfg)
