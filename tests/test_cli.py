@@ -123,7 +123,7 @@ def test_eval_on_coco_dev_writes_report(tmp_path):
     cam = metrics["methods"]["cam"]
     for key in ("concept_miou_strict", "presence_ap"):
         assert set(cam[key]) == {"target", "base", "h"}
-    assert set(cam["concept_miou"]) == {"target", "base", "h", "base_held_out"}
+    assert set(cam["concept_miou"]) == {"target", "base", "h", "base_held_out", "target_held_out"}
     # a spec with options is its own row; a higher threshold gives smaller masks, so a different score
     high = metrics["methods"]["cam[threshold=0.9]"]
     assert high["concept_miou"]["base"] != cam["concept_miou"]["base"]
