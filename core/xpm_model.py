@@ -21,7 +21,6 @@ into it); boxes are the proposals themselves (no second-stage box regression).
 from __future__ import annotations
 
 import io
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

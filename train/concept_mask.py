@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.core.backbone import input_size, preprocess
-from ovseg.core.cache import atomic_write_text
+from ovseg.core.cache import atomic_write_text, replaced_folder
 from ovseg.core.caption_nouns import object_nouns
 from ovseg.core.concept_attention import AttentionNet
 from ovseg.core.concept_losses import (C_MATCH, N_TOP, box_loss, gamma_weights, matching_loss, overlap_ratio,
@@ -518,37 +518,28 @@ def _save(cfg, tags, original, trained, segs, refined, theta, presence, mask_thr
     """Write everything into a fresh folder beside cfg.out, then swap it in: an interrupted run never leaves
     a half-written model (the previous one stays until the new one is complete)."""
     import io
-    import shutil
 
     from ovseg.core.cache import atomic_write_bytes
 
     out = Path(cfg.out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tags.save(tmp / "tags.npz")
-    for name, att in trained.items():
-        att.save(tmp / f"{name}.pt")
-    if cfg.ablation:
-        original.save(tmp / "attention_original.pt")
-    for folder, (model, seg_cfg, _) in segs.items():
-        buf = io.BytesIO()
-        torch.save(model.state_dict_small(), buf)
-        atomic_write_bytes(tmp / folder / "weights.pt", buf.getvalue())
-        atomic_write_text(tmp / folder / "config.json", json.dumps({"segmenter": seg_cfg.to_dict(),
-                                                                   "train": {"method": "concept_mask"}}, indent=2) + "\n")
-    config = {"train": asdict(cfg), "refined_concepts": refined, "theta": theta["theta"],
-              "presence_threshold": presence["presence_threshold"], "scales": list(cfg.scales),
-              "mask_threshold": {k: v["threshold"] for k, v in mask_thresholds.items()},
-              "seg_long_side": cfg.seg_long_side}
-    atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-    atomic_write_text(tmp / "training.json", json.dumps(summary, indent=2) + "\n")
-    old = out.with_name(out.name + ".previous")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with replaced_folder(out) as tmp:
+        tags.save(tmp / "tags.npz")
+        for name, att in trained.items():
+            att.save(tmp / f"{name}.pt")
+        if cfg.ablation:
+            original.save(tmp / "attention_original.pt")
+        for folder, (model, seg_cfg, _) in segs.items():
+            buf = io.BytesIO()
+            torch.save(model.state_dict_small(), buf)
+            atomic_write_bytes(tmp / folder / "weights.pt", buf.getvalue())
+            atomic_write_text(tmp / folder / "config.json", json.dumps({"segmenter": seg_cfg.to_dict(),
+                                                                       "train": {"method": "concept_mask"}}, indent=2) + "\n")
+        config = {"train": asdict(cfg), "refined_concepts": refined, "theta": theta["theta"],
+                  "presence_threshold": presence["presence_threshold"], "scales": list(cfg.scales),
+                  "mask_threshold": {k: v["threshold"] for k, v in mask_thresholds.items()},
+                  "seg_long_side": cfg.seg_long_side}
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(tmp / "training.json", json.dumps(summary, indent=2) + "\n")
     log.info("saved %s in %.0f s", out, summary["seconds"]["total"])
     return out
 

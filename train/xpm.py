@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ import torch
 
 from ovseg.core.backbone import input_size, preprocess
 from ovseg.core.boxes import box_iou, flip_boxes, roi_align
-from ovseg.core.cache import atomic_write_text
+from ovseg.core.cache import atomic_write_text, replaced_folder
 from ovseg.core.caption_nouns import object_nouns
 from ovseg.core.models import Models
 from ovseg.core.xpm_losses import (classification_loss, cross_modal_loss, mask_loss, mean_noise, noisy_mask_loss,
@@ -354,6 +353,8 @@ def _summary(history: list[dict]) -> dict:
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """All stages of the module docstring; writes the model folder cfg.out (teacher.pt, student.pt,
+    student_plain.pt, config.json, training.json)."""
     from tqdm import tqdm
 
     t_start = time.perf_counter()
@@ -464,20 +465,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 def _save(cfg: TrainConfig, nets: dict, extra: dict, summary: dict) -> Path:
     """Write into a fresh folder beside cfg.out, then swap it in (an interrupted run keeps the previous model)."""
     out = Path(cfg.out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, net in nets.items():
-        net.save(tmp / f"{name}.pt", extra)
-    atomic_write_text(tmp / "config.json", json.dumps({"train": asdict(cfg), "networks": sorted(nets), **extra},
-                                                      indent=2) + "\n")
-    atomic_write_text(tmp / "training.json", json.dumps(summary, indent=2) + "\n")
-    old = out.with_name(out.name + ".previous")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    with replaced_folder(out) as tmp:
+        for name, net in nets.items():
+            net.save(tmp / f"{name}.pt", extra)
+        atomic_write_text(tmp / "config.json", json.dumps({"train": asdict(cfg), "networks": sorted(nets), **extra},
+                                                          indent=2) + "\n")
+        atomic_write_text(tmp / "training.json", json.dumps(summary, indent=2) + "\n")
     log.info("saved %s in %.0f s", out, summary["seconds"]["total"])
     return out
 
