@@ -15,7 +15,6 @@ eta / mean noise (clipped to 1).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from importlib import resources
@@ -158,8 +157,3 @@ def _lemma(word: str) -> str:
     nouns = object_nouns(word)
     return nouns[0].lemma if nouns else word.strip().lower()
 
-
-def training_summary(folder: Path | None = None) -> dict:
-    """The packaged model's training.json (empty if absent)."""
-    path = (folder or packaged_model()) / "training.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
