@@ -77,7 +77,7 @@ def _threshold_options(methods: list[str], threshold: float | None) -> dict:
 
 
 def cmd_segment(args) -> int:
-    from ovseg.app.render import colour, mask_overlay, prior_overlay, save_png, slug
+    from ovseg.app.render import colour, mask_overlay, prior_overlay, pseudo_label_overlay, save_png, slug
     from ovseg.core.cache import atomic_write_text
     from ovseg.core.concepts import parse_concepts
     from ovseg.core.predictor import Predictor
@@ -105,10 +105,18 @@ def cmd_segment(args) -> int:
         for prior in r.priors:
             files[prior.kind] = f"{stem}_{prior.kind}.png"
             save_png(out / files[prior.kind], prior_overlay(image, prior.map, prior.kind)[0])
+        instances = []
+        for k, pl in enumerate(r.pseudo_labels, 1):  # XPM's instance pseudo-masks, each with its noise map
+            name = f"{stem}_pseudo{k}.png"
+            save_png(out / name, pseudo_label_overlay(image, pl))
+            instances.append({"box": [round(v, 1) for v in pl.box], "score": round(pl.score, 5),
+                              "reliability": None if pl.reliability is None else round(pl.reliability, 5),
+                              "area": round(float(pl.mask.mean()), 5), "file": name})
         area = float(r.mask.mean())
         summary["results"].append({"word": r.concept, "method": r.method, "score": round(r.score, 5),
                                    "present": bool(r.present), "mask_area": round(area, 5),
-                                   "ms": round(r.ms, 2), "files": files, "details": r.details})
+                                   "ms": round(r.ms, 2), "files": files, "details": r.details,
+                                   "pseudo_labels": instances})
         print(f"{r.concept:<16} {r.method:<14} {r.score:>6.3f} {('yes' if r.present else 'no'):>7} "
               f"{area:>6.1%} {r.ms:>7.1f}")
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")

@@ -63,6 +63,25 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     }
 
 
+def test_segment_with_xpm_writes_each_pseudo_label(tmp_path):
+    out = tmp_path / "xpm"
+    proc = run_cli("segment", str(EXAMPLES / "cat.jpg"), "cat", "--methods", "xpm", "--caption",
+                   "A cat on a blanket.", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "summary.json").read_text())["results"][0]
+    assert result["files"].keys() >= {"mask", "probability", "noise"}
+    labels = result["pseudo_labels"]
+    assert labels, "the cat is found"
+    with Image.open(EXAMPLES / "cat.jpg") as im:
+        width, height = im.size
+    for pl in labels:
+        x0, y0, x1, y1 = pl["box"]
+        assert 0 <= x0 < x1 <= width and 0 <= y0 < y1 <= height
+        assert 0.0 <= pl["reliability"] <= 1.0 and 0.0 < pl["area"] <= 1.0 and 0.0 <= pl["score"] <= 1.0
+        with Image.open(out / pl["file"]) as im:
+            assert im.size == (width, height)
+
+
 def test_bad_images_give_one_line_errors(tmp_path):
     for name, (path, phrase) in _bad_inputs(tmp_path).items():
         proc = run_cli("segment", str(path), "cat", "--out", str(tmp_path / "o"))
