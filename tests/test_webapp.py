@@ -110,6 +110,13 @@ def _status(page) -> str:
     return page.locator("#status").inner_text()
 
 
+def _wait_for_result_images(page) -> None:
+    """Until every result image has decoded (a screenshot taken earlier shows blank tiles)."""
+    page.wait_for_function(
+        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+
+
 def _screenshot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
@@ -133,9 +140,7 @@ def test_segment_shows_maps_masks_and_scores(page):
     status = _status(page)
     assert "cat" in status and re.search(r"presence score\s+0\.\d\d", status), status
     assert "Egyptian cat" in status  # the method's details: the nearest ImageNet classes
-    page.wait_for_function(  # every overlay decoded before the screenshot
-        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
-    )
+    _wait_for_result_images(page)
     _screenshot(page, "app_segment.png")
 
 
@@ -168,9 +173,7 @@ def test_saliency_method_shows_both_priors_proxy_labels_and_a_grabcut_switch(pag
     ], captions
     status = _status(page)
     assert "positive proxies" in status and "negative proxies" in status and "cat" in status, status
-    page.wait_for_function(
-        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
-    )
+    _wait_for_result_images(page)
     _screenshot(page, "app_cls_saliency.png")
     # the class-discriminative option: the same word with CAM-gated priors, said so in the table
     expect(page.locator("#saliency")).to_be_visible()
@@ -178,9 +181,7 @@ def test_saliency_method_shows_both_priors_proxy_labels_and_a_grabcut_switch(pag
     page.click("#segment-btn")
     expect(page.locator("#status")).to_contain_text("cam_gated", timeout=SEGMENT_TIMEOUT_MS)
     expect(page.locator("#results .thumbnail-item img")).to_have_count(4)
-    page.wait_for_function(
-        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
-    )
+    _wait_for_result_images(page)
     _screenshot(page, "app_cls_saliency_cam_gated.png")
 
 
@@ -197,9 +198,7 @@ def test_concept_mask_shows_coarse_and_refined_attention_the_mask_and_presence(p
     ], captions
     status = _status(page)
     assert "verification cosine" in status and "verified present" in status, status
-    page.wait_for_function(
-        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
-    )
+    _wait_for_result_images(page)
     _screenshot(page, "app_concept_mask.png")
 
 
@@ -221,9 +220,7 @@ def test_xpm_shows_each_pseudo_mask_with_its_noise_map_and_reliability(page):
     assert all(("NOISY" in c) == (r < 0.5) for c, r in zip(pseudo, reliabilities))
     status = _status(page)
     assert "selected by" in status and "reliability" in status, status
-    page.wait_for_function(
-        "[...document.querySelectorAll('#results .thumbnail-item img')].every(i => i.complete && i.naturalWidth > 0)"
-    )
+    _wait_for_result_images(page)
     _screenshot(page, "app_xpm.png")
 
 
