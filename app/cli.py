@@ -7,7 +7,6 @@ the traceback of an unexpected error.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -78,7 +77,7 @@ def _threshold_options(methods: list[str], threshold: float | None) -> dict:
 
 def cmd_segment(args) -> int:
     from ovseg.app.render import colour, mask_overlay, prior_overlay, pseudo_label_overlay, save_png, slug
-    from ovseg.core.cache import atomic_write_text
+    from ovseg.core.cache import atomic_write_json
     from ovseg.core.concepts import parse_concepts
     from ovseg.core.predictor import Predictor
     from ovseg.core.registry import parse_methods
@@ -119,7 +118,7 @@ def cmd_segment(args) -> int:
                                    "pseudo_labels": instances})
         print(f"{r.concept:<16} {r.method:<14} {r.score:>6.3f} {('yes' if r.present else 'no'):>7} "
               f"{area:>6.1%} {r.ms:>7.1f}")
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    atomic_write_json(out / "summary.json", summary, default=str)
     print(f"wrote {len(prediction.results)} result(s) to {out}/ (summary.json, *_mask.png, *_attention.png)")
     return 0
 

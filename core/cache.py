@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -41,6 +42,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj, **dumps_options) -> Path:
+    """`obj` as indented JSON with a final newline (json.dumps options pass through), written atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=2, **dumps_options) + "\n")
 
 
 @contextlib.contextmanager

@@ -282,6 +282,21 @@ def packaged_checkpoint(variant: str = "sem2c_neg") -> Path:
     return Path(str(resources.files("ovseg.assets").joinpath("checkpoints", "cls_saliency", variant)))
 
 
+def save_segmenter(folder: str | Path, model: ClassAgnosticSegmenter, config: SegmenterConfig, train: dict) -> Path:
+    """Write what `load_segmenter` reads: weights.pt (the trained parts) and config.json (the segmenter's
+    config and `train`, the training settings), each atomically."""
+    import io
+
+    from ovseg.core.cache import atomic_write_bytes, atomic_write_json
+
+    folder = Path(folder)
+    buf = io.BytesIO()
+    torch.save(model.state_dict_small(), buf)
+    atomic_write_bytes(folder / "weights.pt", buf.getvalue())
+    atomic_write_json(folder / "config.json", {"segmenter": config.to_dict(), "train": train})
+    return folder
+
+
 def load_segmenter(folder: str | Path, device: torch.device) -> ClassAgnosticSegmenter:
     """A segmenter from `folder` (config.json + weights.pt, as `ovseg train cls_saliency` writes them)."""
     folder = Path(folder)

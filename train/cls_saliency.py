@@ -27,13 +27,13 @@ import numpy as np
 import torch
 
 from ovseg.core.backbone import input_size, preprocess
-from ovseg.core.cache import atomic_write_bytes, atomic_write_text, cache_dir
+from ovseg.core.cache import atomic_write_bytes, atomic_write_json, cache_dir
 from ovseg.core.methods.cls_saliency import checkpoint_name
 from ovseg.core.models import Models
 from ovseg.core.proxy_labels import K, proxy_labels
 from ovseg.core.saliency import (SALIENCY_MODES, cam_gate, cam_prior, class_activation, label_saliency,
                                  mean_saliency)
-from ovseg.core.segmenter import SegmenterConfig
+from ovseg.core.segmenter import SegmenterConfig, save_segmenter
 from ovseg.train.coco import CocoConceptDataset, base_training_pairs, split_image_ids, training_mask
 from ovseg.train.segmenter_fit import fit_segmenter, loss_summary, resized_target, training_sample
 
@@ -197,8 +197,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
 def _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, train_s) -> Path:
     out = Path(cfg.out) / checkpoint_name(cfg.variant, cfg.saliency)
-    buf = io.BytesIO()
-    torch.save(model.state_dict_small(), buf)
     classes: dict[str, int] = {}
     for _, name in pairs:
         classes[name] = classes.get(name, 0) + 1
@@ -212,10 +210,8 @@ def _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, t
         "seconds": {"saliency_maps": round(saliency_s, 1), "training": round(train_s, 1)},
         "torch": torch.__version__,
     }
-    atomic_write_bytes(out / "weights.pt", buf.getvalue())
-    atomic_write_text(out / "config.json", json.dumps({"segmenter": seg_cfg.to_dict(), "train": asdict(cfg)},
-                                                      indent=2) + "\n")
-    atomic_write_text(out / "training.json", json.dumps(summary, indent=2) + "\n")
+    save_segmenter(out, model, seg_cfg, asdict(cfg))
+    atomic_write_json(out / "training.json", summary)
     log.info("saved %s (loss %.3f -> %.3f)", out, summary["loss"]["first_20"], summary["loss"]["last_20"])
     return out
 

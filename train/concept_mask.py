@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.core.backbone import input_size, preprocess
-from ovseg.core.cache import atomic_write_text, replaced_folder
+from ovseg.core.cache import atomic_write_json, replaced_folder
 from ovseg.core.caption_nouns import object_nouns
 from ovseg.core.concept_attention import AttentionNet
 from ovseg.core.concept_losses import (C_MATCH, N_TOP, box_loss, gamma_weights, matching_loss, overlap_ratio,
@@ -46,7 +46,7 @@ from ovseg.core.methods.base import upsample_map
 from ovseg.core.metrics import mask_iou, soft_iou
 from ovseg.core.models import Models
 from ovseg.core.pmi import TagEmbedding, fit_linear_map, idf, pmi_embedding, pmi_matrix, soft_topic
-from ovseg.core.segmenter import SegmenterConfig, foreground_probability
+from ovseg.core.segmenter import SegmenterConfig, foreground_probability, save_segmenter
 from ovseg.train.coco import (BASE_CLASSES, CocoConceptDataset, assert_no_target_annotations, base_training_pairs,
                               split_image_ids, training_mask)
 from ovseg.train.segmenter_fit import fit_segmenter, loss_summary, resized_target, training_sample
@@ -517,10 +517,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 def _save(cfg, tags, original, trained, segs, refined, theta, presence, mask_thresholds, summary) -> Path:
     """Write everything into a fresh folder beside cfg.out, then swap it in: an interrupted run never leaves
     a half-written model (the previous one stays until the new one is complete)."""
-    import io
-
-    from ovseg.core.cache import atomic_write_bytes
-
     out = Path(cfg.out)
     with replaced_folder(out) as tmp:
         tags.save(tmp / "tags.npz")
@@ -529,17 +525,13 @@ def _save(cfg, tags, original, trained, segs, refined, theta, presence, mask_thr
         if cfg.ablation:
             original.save(tmp / "attention_original.pt")
         for folder, (model, seg_cfg, _) in segs.items():
-            buf = io.BytesIO()
-            torch.save(model.state_dict_small(), buf)
-            atomic_write_bytes(tmp / folder / "weights.pt", buf.getvalue())
-            atomic_write_text(tmp / folder / "config.json", json.dumps({"segmenter": seg_cfg.to_dict(),
-                                                                       "train": {"method": "concept_mask"}}, indent=2) + "\n")
+            save_segmenter(tmp / folder, model, seg_cfg, {"method": "concept_mask"})
         config = {"train": asdict(cfg), "refined_concepts": refined, "theta": theta["theta"],
                   "presence_threshold": presence["presence_threshold"], "scales": list(cfg.scales),
                   "mask_threshold": {k: v["threshold"] for k, v in mask_thresholds.items()},
                   "seg_long_side": cfg.seg_long_side}
-        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
-        atomic_write_text(tmp / "training.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(tmp / "config.json", config)
+        atomic_write_json(tmp / "training.json", summary)
     log.info("saved %s in %.0f s", out, summary["seconds"]["total"])
     return out
 
