@@ -116,6 +116,12 @@ def paste_masks(masks: torch.Tensor, boxes: torch.Tensor, image_hw: tuple[int, i
     return out
 
 
+def rescale_boxes(boxes: torch.Tensor, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> torch.Tensor:
+    """Boxes in an image of size from_hw (H, W) -> the same boxes in the image resized to to_hw."""
+    scale = torch.tensor([to_hw[1] / from_hw[1], to_hw[0] / from_hw[0]] * 2, dtype=boxes.dtype, device=boxes.device)
+    return boxes * scale
+
+
 def clip_boxes(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
     H, W = image_hw
     x = boxes[:, 0::2].clamp(0, W)

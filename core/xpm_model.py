@@ -197,11 +197,15 @@ class XPMNet(nn.Module):
         """(R, word_dim) visual embeddings of the regions."""
         return self.embedding(self.region_features(pyr, boxes, self.cfg.emb_roi))
 
-    def mask_and_noise(self, pyr, boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(R, 28, 28) mask logits and, for the student, (R, 28, 28) noise variances in [1e-4, 100]."""
+    def mask_and_noise(self, pyr, boxes: torch.Tensor,
+                       with_noise: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(R, 28, 28) mask logits and, for the student unless `with_noise` is False, (R, 28, 28) noise
+        variances in [1e-4, 100] (else None)."""
         f = self.region_features(pyr, boxes, self.cfg.mask_roi)
         logits = self.mask(f)
-        variance = self.noise(f).clamp(LOG_VAR_MIN, LOG_VAR_MAX).exp() if self.noise is not None else None
+        if self.noise is None or not with_noise:
+            return logits, None
+        variance = self.noise(f).clamp(LOG_VAR_MIN, LOG_VAR_MAX).exp()
         return logits, variance
 
     # ------------------------------------------------------------------ files

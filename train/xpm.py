@@ -30,7 +30,7 @@ import torch
 
 from ovseg.core.backbone import input_size, preprocess
 from ovseg.core.boxes import box_iou, flip_boxes, roi_align
-from ovseg.core.cache import atomic_write_text, replaced_folder
+from ovseg.core.cache import atomic_write_json, replaced_folder
 from ovseg.core.caption_nouns import object_nouns
 from ovseg.core.models import Models
 from ovseg.core.xpm_losses import (classification_loss, cross_modal_loss, mask_loss, mean_noise, noisy_mask_loss,
@@ -68,10 +68,6 @@ class TrainConfig:
     evaluate: bool = True
     max_images: int | None = None
     teacher: str | None = None  # reuse this trained teacher (a teacher.pt) instead of training one
-
-
-def text(word: str) -> str:
-    return word.replace("_", " ")
 
 
 # ------------------------------------------------------------------------------------------- data
@@ -183,7 +179,7 @@ def gt_loss(net: XPMNet, pyr: dict, gt: dict, base_vectors: torch.Tensor, cfg: T
     l_cls = classification_loss(scores, rois["labels"])
     pos_boxes = rois["boxes"][: rois["n_pos"]]
     if len(pos_boxes):
-        logits, _ = net.mask_and_noise(pyr, pos_boxes)
+        logits, _ = net.mask_and_noise(pyr, pos_boxes, with_noise=False)
         l_mask = mask_loss(logits, mask_targets(gt["masks"], pos_boxes, rois["gt_index"], net.cfg.mask_size))
     else:
         l_mask = scores.sum() * 0
@@ -377,21 +373,23 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                           "gt": [gt, flip_annotations(gt, hw[1])], "nouns": caption_nouns(dataset, image_id)}
     seconds["features"] = time.perf_counter() - t0
 
-    base_vectors = models.embed_words([text(n) for n in BASE_CLASSES]).float().cpu()
+    base_vectors = models.embed_words(list(BASE_CLASSES)).float().cpu()
     vocab = sorted({w for i in train_ids for w in data[i]["nouns"]})
     if not vocab:
         raise ValueError(f"no caption with an object noun among the {len(train_ids)} training images of "
                          f"{cfg.coco_dir}: XPM needs captions.json")
-    vocab_vectors = models.embed_words([text(w) for w in vocab]).float().cpu()
+    vocab_vectors = models.embed_words(vocab).float().cpu()
     captioned = [i for i in train_ids if data[i]["nouns"]]
 
     t0 = time.perf_counter()
+    teacher_record: dict = {}  # a reused teacher's own training.json: its loss record and training time
     if cfg.teacher:
         teacher, _ = XPMNet.load(cfg.teacher)
-        previous = Path(cfg.teacher).with_name("training.json")  # keep the teacher's own loss record
         teacher_hist = []
+        previous = Path(cfg.teacher).with_name("training.json")
         if previous.is_file():
-            seconds["teacher_training"] = json.loads(previous.read_text()).get("seconds", {}).get("teacher", 0.0)
+            teacher_record = json.loads(previous.read_text())
+            seconds["teacher_training"] = teacher_record.get("seconds", {}).get("teacher", 0.0)
         log.info("reusing the teacher %s", cfg.teacher)
     else:
         teacher, teacher_hist = train_teacher(data, train_ids, base_vectors, cfg, progress)
@@ -442,9 +440,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                          "max": float(all_levels.max())},
         "losses": {k: _summary(v) for k, v in hists.items()},
     }
-    if cfg.teacher and Path(cfg.teacher).with_name("training.json").is_file():
-        previous = json.loads(Path(cfg.teacher).with_name("training.json").read_text())
-        summary["losses"]["teacher"] = previous.get("losses", {}).get("teacher", {})
+    if cfg.teacher:
+        summary["losses"]["teacher"] = teacher_record.get("losses", {}).get("teacher", {})
         summary["teacher_from"] = str(cfg.teacher)
     extra = {"vocab": vocab, "eta": eta_final, "eta_training": eta, "noise_scale": noise_scale,
              "base_classes": list(BASE_CLASSES)}
@@ -468,9 +465,8 @@ def _save(cfg: TrainConfig, nets: dict, extra: dict, summary: dict) -> Path:
     with replaced_folder(out) as tmp:
         for name, net in nets.items():
             net.save(tmp / f"{name}.pt", extra)
-        atomic_write_text(tmp / "config.json", json.dumps({"train": asdict(cfg), "networks": sorted(nets), **extra},
-                                                          indent=2) + "\n")
-        atomic_write_text(tmp / "training.json", json.dumps(summary, indent=2) + "\n")
+        atomic_write_json(tmp / "config.json", {"train": asdict(cfg), "networks": sorted(nets), **extra})
+        atomic_write_json(tmp / "training.json", summary)
     log.info("saved %s in %.0f s", out, summary["seconds"]["total"])
     return out
 

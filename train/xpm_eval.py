@@ -18,8 +18,9 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from ovseg.core.boxes import batched_nms, paste_masks
+from ovseg.core.boxes import batched_nms, paste_masks, rescale_boxes
 from ovseg.core.caption_nouns import object_sense
+from ovseg.core.xpm_losses import mean_noise, reliability
 from ovseg.core.xpm_model import XPMNet, word_scores
 from ovseg.train.coco import BASE_CLASSES, SCORED_CLASSES, TARGET_CLASSES, CocoConceptDataset
 
@@ -46,10 +47,10 @@ def detect(net: XPMNet, pyr: dict, input_hw, image_hw, class_vectors: torch.Tens
     b, s = boxes[r], probs[r, c]
     keep = batched_nms(b, s, c, NMS_IOU)[:max_detections]
     b, s, c = b[keep], s[keep], c[keep]
-    logits, _ = net.mask_and_noise(pyr, b)
-    scale = torch.tensor([W / input_hw[1], H / input_hw[0]] * 2)
-    masks = paste_masks(torch.sigmoid(logits), b * scale, (H, W)) >= 0.5
-    return {"boxes": b * scale, "labels": c, "scores": s, "masks": masks.numpy()}
+    logits, _ = net.mask_and_noise(pyr, b, with_noise=False)
+    b = rescale_boxes(b, input_hw, image_hw)
+    masks = paste_masks(torch.sigmoid(logits), b, (H, W)) >= 0.5
+    return {"boxes": b, "labels": c, "scores": s, "masks": masks.numpy()}
 
 
 def _coco_results(image_id: int, det: dict, cat_ids: list[int]) -> list[dict]:
@@ -83,7 +84,7 @@ def mask_ap50(coco, results: list[dict], image_ids: list[int], cat_ids: list[int
 def instance_map(net: XPMNet, dataset: CocoConceptDataset, held_ids: list[int], feats: dict, models) -> dict:
     """Constrained and generalised mask AP@0.5 of one network on the held-out images."""
     name_to_id = {n: i for i, n in dataset._cat_name.items()}
-    vectors = {n: models.embed_words([n])[0].float().cpu() for n in SCORED_CLASSES}
+    vectors = dict(zip(SCORED_CLASSES, models.embed_words(list(SCORED_CLASSES)).float().cpu()))
 
     def has(image_id, names):
         return any(dataset._cat_name[a["category_id"]] in names and not a.get("iscrowd", 0)
@@ -169,7 +170,6 @@ def pseudo_mask_quality(student: XPMNet, dataset: CocoConceptDataset, ids: list[
     from ovseg.core.metrics import mask_iou
 
     out = []
-    vocab_vec = {}
     for image_id in ids:
         d = data[image_id]
         targets = dataset.concept_targets(image_id)
@@ -188,19 +188,15 @@ def pseudo_mask_quality(student: XPMNet, dataset: CocoConceptDataset, ids: list[
             boxes_all, _ = student.proposals(pyr, d["input_hw"])
             if len(boxes_all) == 0:
                 continue
-            for w in nouns:
-                if w not in vocab_vec:
-                    vocab_vec[w] = embed_words([w.replace("_", " ")])[0].float().cpu()
-            v = torch.stack([vocab_vec[w] for w in nouns])
+            v = embed_words(nouns).float().cpu()  # memoised per word
             best = (student.embed(pyr, boxes_all) @ v.T).argmax(dim=0)
             boxes = boxes_all[best]
             masks = None
         logits, variance = student.mask_and_noise(pyr, boxes)
         if masks is None:
             masks = (logits >= 0).float()
-        alpha = (eta / variance.flatten(1).mean(dim=1)).clamp(max=1.0)
-        scale = torch.tensor([W / d["input_hw"][1], H / d["input_hw"][0]] * 2)
-        pasted = paste_masks(masks, boxes * scale, (H, W)) >= 0.5
+        alpha = reliability(mean_noise(variance), eta).clamp(max=1.0)
+        pasted = paste_masks(masks, rescale_boxes(boxes, d["input_hw"], (H, W)), (H, W)) >= 0.5
         for k, noun in enumerate(nouns):
             cls = noun_class(noun)
             if cls is None or cls not in targets.gt:

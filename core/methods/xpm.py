@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovseg.core.boxes import nms, paste_masks
+from ovseg.core.boxes import nms, paste_masks, rescale_boxes
 from ovseg.core.caption_nouns import object_nouns
 from ovseg.core.errors import OvsegError
 from ovseg.core.methods.base import ImageState, Method
 from ovseg.core.registry import register_method
 from ovseg.core.types import ConceptResult, Prior, PseudoLabel
+from ovseg.core.xpm_losses import mean_noise, reliability
 from ovseg.core.xpm_model import LOG_VAR_MIN, XPMNet, word_scores
 
 NETWORKS = ("student", "student_plain", "teacher")
@@ -74,9 +75,8 @@ class XPM(Method):
                 input_hw = tuple(state.input.shape[-2:])
                 boxes, _ = self.net.proposals(pyr, input_hw)
                 emb = self.net.embed(pyr, boxes)
-            H, W = state.size
-            scale = torch.tensor([W / input_hw[1], H / input_hw[0]] * 2, device=boxes.device)
-            state.cache[key] = {"pyr": pyr, "boxes": boxes, "image_boxes": boxes * scale, "emb": emb}
+            state.cache[key] = {"pyr": pyr, "boxes": boxes, "image_boxes": rescale_boxes(boxes, input_hw, state.size),
+                                "emb": emb}
         return state.cache[key]
 
     def _probabilities(self, state: ImageState, words: list[str]) -> torch.Tensor:
@@ -139,7 +139,7 @@ class XPM(Method):
             floor = math.exp(LOG_VAR_MIN)
             shown = ((variance - floor) / max(self.noise_scale - floor, 1e-12)).clamp(0, 1)
             noise = paste_masks(shown, boxes, (H, W)).clamp(0, 1).cpu().numpy()
-            alpha = (self.eta / variance.flatten(1).mean(dim=1)).clamp(max=1.0).cpu().numpy()
+            alpha = reliability(mean_noise(variance), self.eta).clamp(max=1.0).cpu().numpy()
         labels = []
         for k in range(len(keep)):
             m = probs[k] >= 0.5
