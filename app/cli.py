@@ -1,4 +1,5 @@
-"""The `ovseg` command line: `ovseg segment`, `ovseg eval`, `ovseg methods`.
+"""The `ovseg` command line: `segment`, `eval`, `train`, `methods`, and the curation loop: `label`, `review`,
+`export`, `retrain`, `checkpoints`.
 
 Errors the user can fix come out as one line on stderr (exit status 2), never a traceback; `--debug` shows
 the traceback of an unexpected error.
@@ -56,6 +57,49 @@ def _parser() -> argparse.ArgumentParser:
     from ovseg.train.xpm import add_arguments as xpm_arguments
 
     xpm_arguments(tsub.add_parser("xpm", help="XPM's teacher, caption pseudo-labels and robust student"))
+
+    lb = sub.add_parser("label", help="pseudo-label a folder of images (or a COCO folder) into a FiftyOne dataset")
+    lb.add_argument("source", help="a folder of images, or a COCO folder (images/ + captions.json)")
+    lb.add_argument("--dataset", required=True, help="the FiftyOne dataset to create or extend")
+    lb.add_argument("--words", default=None, help="comma-separated words to look for in every image")
+    lb.add_argument("--captions", action="store_true", help="also label each image's caption object nouns")
+    lb.add_argument("--methods", default=None, help="comma-separated method specs (default: xpm,cam)")
+    lb.add_argument("--batch-size", type=int, default=None, help="images per database write (default 8)")
+    lb.add_argument("--limit", type=int, default=None, help="only the first N images of SOURCE with something to label")
+    lb.add_argument("--split", default="all", choices=("all", "train", "held-out"),
+                    help="a COCO folder's images: all, or the part `ovseg train` trains on / holds out")
+    lb.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    lb.add_argument("--db-dir", default=None, help="the FiftyOne database folder (default: see README)")
+
+    rv = sub.add_parser("review", help="open the FiftyOne App on a labelled dataset, with its review views")
+    rv.add_argument("dataset", help="the FiftyOne dataset")
+    rv.add_argument("--view", default=None, help="open this saved view (least-reliable, disagreements, to-review, ...)")
+    rv.add_argument("--port", type=int, default=5151, help="the App's port (default 5151)")
+    rv.add_argument("--address", default="127.0.0.1", help="the App's address (default 127.0.0.1)")
+    rv.add_argument("--oracle", default=None, metavar="COCO_DIR",
+                    help="instead of opening the App, tag every label approved/rejected by its IoU with this COCO "
+                         "folder's ground truth (a scripted reviewer, to measure the loop)")
+    rv.add_argument("--min-iou", type=float, default=0.5, help="the oracle's approval IoU (default 0.5)")
+    rv.add_argument("--db-dir", default=None, help="the FiftyOne database folder")
+
+    ex = sub.add_parser("export", help="export a dataset's reviewed labels as a COCO folder")
+    ex.add_argument("dataset", help="the FiftyOne dataset")
+    ex.add_argument("--tags", default="approved", help="comma-separated tags of the labels to export (default approved)")
+    ex.add_argument("--out", required=True, help="the COCO folder to write (replaced whole when done)")
+    ex.add_argument("--db-dir", default=None, help="the FiftyOne database folder")
+
+    rt = sub.add_parser("retrain", help="fine-tune XPM's student on a dataset's curated labels (new checkpoint version)")
+    rt.add_argument("dataset", help="the FiftyOne dataset")
+    rt.add_argument("--coco", default=None, help="COCO folder with the base training data and held-out images "
+                                                 "(default: the dataset's source)")
+    rt.add_argument("--tags", default="approved", help="comma-separated tags of the labels to train on")
+    rt.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    rt.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    rt.add_argument("--db-dir", default=None, help="the FiftyOne database folder")
+
+    ck = sub.add_parser("checkpoints", help="list a method's checkpoint versions, or choose the one in use")
+    ck.add_argument("method", nargs="?", default="xpm", choices=("xpm",), help="the method (default xpm)")
+    ck.add_argument("--use", default=None, help="make this version current: v1, v2, ... or packaged")
 
     x = sub.add_parser("proxies", help="the ImageNet classes each mapper relates to words (Golub et al.'s Table 2)")
     x.add_argument("words", nargs="+", help="words, e.g. car dog sofa")
@@ -174,6 +218,74 @@ def cmd_proxies(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from ovseg.curate.label import DEFAULT_BATCH, DEFAULT_METHODS, label
+
+    out = label(args.source, args.dataset, words=args.words, captions=args.captions,
+                methods=args.methods or DEFAULT_METHODS, device=args.device,
+                batch_size=args.batch_size or DEFAULT_BATCH, limit=args.limit, split=args.split, db_dir=args.db_dir)
+    rate = f", {out['images_per_second']} images/s" if out["images_per_second"] else ""
+    print(f"{out['dataset']}: {out['samples_added']} sample(s) added from {out['labelled_images']} image(s) in "
+          f"{out['seconds']} s{rate}; {out['skipped_images']} image(s) already labelled; {out['samples']} in all")
+    for key, why in out["failed"]:
+        print(f"skipped {key}: {why}", file=sys.stderr)
+    return 0
+
+
+def cmd_review(args) -> int:
+    from ovseg.curate.review import oracle_review, review
+
+    if args.oracle:
+        out = oracle_review(args.dataset, args.oracle, args.min_iou, db_dir=args.db_dir)
+        print(f"{args.dataset}: {out['approved']} approved, {out['rejected']} rejected of {out['labels']} labels "
+              f"(IoU >= {out['min_iou']}; mean IoU {out['mean_iou']:.3f}; {out['no_class']} name no COCO class)")
+        return 0
+    review(args.dataset, port=args.port, address=args.address, view=args.view, db_dir=args.db_dir)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from ovseg.curate.export import export
+
+    out = export(args.dataset, args.out, [t for t in args.tags.split(",")], db_dir=args.db_dir)
+    print(f"wrote {out['out']}/ (instances.json, captions.json, images/): {out['annotations']} masks on "
+          f"{out['images']} images, {out['categories']} categories, {out['captions']} captions")
+    return 0
+
+
+def cmd_retrain(args) -> int:
+    from ovseg.curate.retrain import RetrainConfig, retrain
+
+    if args.epochs < 1:
+        raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    cfg = RetrainConfig(dataset=args.dataset, coco_dir=args.coco, tags=tuple(t.strip() for t in args.tags.split(",")),
+                        epochs=args.epochs, evaluate=not args.no_eval)
+    out = retrain(cfg, db_dir=args.db_dir)
+    c = out["curated"]
+    print(f"xpm {out['version']} (from {out['from']}) in {out['folder']}: {c['labels']} curated labels on "
+          f"{c['images']} images ({c['dropped_on_held_out']} on held-out images left out), "
+          f"{len(c['new_words'])} new words; now in use")
+    if "evaluation" in out:
+        ev = out["evaluation"]
+        print(f"held-out concept mIoU ({ev['images']} images): target {ev['before']['target_miou']:.3f} -> "
+              f"{ev['after']['target_miou']:.3f}, base {ev['before']['base_miou']:.3f} -> {ev['after']['base_miou']:.3f}")
+    return 0
+
+
+def cmd_checkpoints(args) -> int:
+    from ovseg.core.checkpoints import describe, use
+
+    if args.use:
+        print(f"{args.method}: now using {use(args.method, args.use)}")
+    for row in describe(args.method):
+        ev = row["summary"].get("evaluation", {})
+        fig = (f"held-out target mIoU {ev['before']['target_miou']:.3f} -> {ev['after']['target_miou']:.3f}"
+               if ev else "")
+        src = f"from {row['summary'].get('dataset')!r}" if row["summary"] else "shipped with ovseg"
+        print(f"{'*' if row['current'] else ' '} {row['version']:<9} {src:<28} {fig}")
+    return 0
+
+
 def cmd_methods(args) -> int:
     from ovseg.core.registry import available_methods, get_method
 
@@ -192,7 +304,8 @@ def main(argv=None) -> int:
     from ovseg.core.errors import OvsegError
 
     command = {"segment": cmd_segment, "eval": cmd_eval, "train": cmd_train, "proxies": cmd_proxies,
-               "methods": cmd_methods}[args.command]
+               "methods": cmd_methods, "label": cmd_label, "review": cmd_review, "export": cmd_export,
+               "retrain": cmd_retrain, "checkpoints": cmd_checkpoints}[args.command]
     try:
         return command(args)
     except (OvsegError, ValueError, FileNotFoundError, NotADirectoryError) as exc:

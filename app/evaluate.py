@@ -162,6 +162,7 @@ def evaluate(
     progress: bool = True,
     reference: bool = True,
     base_on_held_out: bool = False,
+    held_out_only: bool = False,
 ) -> tuple[dict, dict]:
     """Run the protocol; returns (metrics, pr_curves) in the layout `ovseg.app.report.write_report` takes.
 
@@ -169,11 +170,15 @@ def evaluate(
     work, so an ablation costs little more than its most expensive member. base_on_held_out: segment
     base classes only on the held-out images of the training split (target classes on every image, as no
     trained part has seen them); the default segments every pair and reports the held-out base figure
-    beside the full one."""
+    beside the full one. held_out_only: only the held-out images (every figure is then a held-out one)."""
     from tqdm import tqdm
 
     dataset = CocoConceptDataset(root)
-    ids = dataset.image_ids[:limit] if limit else dataset.image_ids
+    ids = dataset.image_ids
+    if held_out_only:
+        held = held_out_image_ids(dataset)
+        ids = [i for i in ids if i in held]
+    ids = ids[:limit] if limit else ids
     predictor = predictor or Predictor(device=device)
     words = list(SCORED_CLASSES)
     acc = {m: _Scores() for m in methods}

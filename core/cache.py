@@ -22,6 +22,19 @@ def cache_dir() -> Path:
     return path
 
 
+def data_dir() -> Path:
+    """OVSEG_DATA_DIR if set, else $XDG_DATA_HOME/ovseg, else ~/.local/share/ovseg (created on demand): what
+    the user makes and keeps (FiftyOne datasets, retrained checkpoints), unlike the cache."""
+    env = os.environ.get("OVSEG_DATA_DIR")
+    if env:
+        path = Path(env).expanduser()
+    else:
+        base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+        path = Path(base) / "ovseg"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write `data` to `path` so that readers see either the old file or the whole new one, never a part."""
     path = Path(path)

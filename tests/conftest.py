@@ -1,8 +1,18 @@
 """Shared fixtures: one loaded Predictor per test session (models load once, ~5 s on a CPU)."""
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# The user's data folder (FiftyOne datasets, retrained checkpoints) is never touched by the tests: every
+# test, and every process a test starts, sees a fresh one (which retrained checkpoint is "current" would
+# otherwise change what the engine loads). FiftyOne's database lives inside it too.
+_DATA = tempfile.mkdtemp(prefix="ovseg-test-data-")
+os.environ["OVSEG_DATA_DIR"] = _DATA
+os.environ.pop("OVSEG_FIFTYONE_DIR", None)
+os.environ.pop("FIFTYONE_DATABASE_DIR", None)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "assets" / "examples"
 

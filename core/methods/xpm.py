@@ -42,6 +42,13 @@ def packaged_model() -> Path:
     return Path(str(resources.files("ovseg.assets").joinpath("checkpoints", "xpm")))
 
 
+def default_model() -> Path:
+    """The checkpoint in use: the one `ovseg retrain` made current, else the packaged one."""
+    from ovseg.core.checkpoints import current_folder
+
+    return current_folder("xpm") or packaged_model()
+
+
 @register_method("xpm")
 class XPM(Method):
     summary = "XPM: caption nouns -> teacher-aligned pseudo-masks -> robust student with noise maps and reliability"
@@ -57,7 +64,7 @@ class XPM(Method):
             raise OvsegError(f"xpm network must be one of {', '.join(NETWORKS)}, got {network!r}")
         if align not in ALIGN:
             raise OvsegError(f"xpm align must be one of {', '.join(ALIGN)}, got {align!r}")
-        folder = Path(checkpoint) if checkpoint is not None else packaged_model()
+        folder = Path(checkpoint) if checkpoint is not None else default_model()
         path = folder / f"{network}.pt"
         if not path.is_file():
             raise OvsegError(f"no XPM {network} network at {path}: run `ovseg train xpm --out {folder}`")
