@@ -173,6 +173,7 @@ def label(source, dataset_name: str, words: str | None = None, captions: bool = 
     bar.close()
     seconds = time.perf_counter() - t0
     _save_views(ds)
+    _show_in_app(ds)
     n_images = len(todo) - len(failed)
     return {"dataset": dataset_name, "images": len(images), "labelled_images": n_images, "skipped_images": skipped,
             "samples_added": added, "samples": len(ds), "failed": failed, "seconds": round(seconds, 2),
@@ -226,3 +227,19 @@ def _save_views(ds) -> None:
         if ds.has_saved_view(slug):
             ds.delete_saved_view(slug)
         ds.save_view(slug, view)
+
+
+def _show_in_app(ds) -> None:
+    """What the App shows when it opens: the pseudo-masks and one attention map (else one noise map); the
+    other heatmaps are a checkbox away in the sidebar's LABELS group."""
+    from fiftyone.core.odm.dataset import ActiveFields
+
+    from ovseg.curate.schema import LABEL_FIELD
+
+    schema = ds.get_field_schema()
+    if LABEL_FIELD not in schema:
+        return
+    heat = [f for f, v in schema.items() if "Heatmap" in str(getattr(v, "document_type", ""))]
+    shown = [f for f in heat if f.startswith("attention_")][:1] or [f for f in heat if f.startswith("noise_")][:1]
+    ds.app_config.active_fields = ActiveFields(paths=[LABEL_FIELD, *shown])
+    ds.save()
