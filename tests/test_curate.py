@@ -344,3 +344,22 @@ def test_retrain_writes_a_new_version_that_the_engine_uses(coco_dataset, predict
     r = _ovseg("checkpoints", "xpm", "--use", "packaged")
     assert r.returncode == 0 and ck.current_version("xpm") == "packaged"
     assert XPM(predictor.models).folder == packaged_model()
+
+
+@needs_coco
+@pytest.mark.slow
+def test_fiftyone_plugin_operator_retrains(coco_dataset):
+    """The project's FiftyOne plugin is found on the plugin path and its operator runs a retrain."""
+    import fiftyone.operators as foo
+    import fiftyone.plugins as fop
+
+    from ovseg.core import checkpoints as ck
+
+    assert "@ovseg/curation" in [p.name for p in fop.list_plugins()]
+    before = ck.versions("xpm")
+    res = foo.execute_operator("@ovseg/curation/retrain",
+                               ctx={"dataset": "coco-test", "params": {"epochs": 1, "evaluate": False}})
+    assert res.error is None, res.error
+    assert res.result["version"] not in before and res.result["labels"] > 0
+    assert ck.current_version("xpm") == res.result["version"]
+    ck.use("xpm", "packaged")
