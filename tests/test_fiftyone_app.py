@@ -121,3 +121,30 @@ def test_app_renders_pseudo_masks_and_heatmaps(app, browser):
     page.screenshot(path=str(ARTIFACTS / "fiftyone_sample.png"))
     assert "cat" in page.inner_text("body")
     page.close()
+
+
+def test_review_command_serves_the_app_and_stops_it_on_sigterm(app):
+    """`ovseg review NAME` serves the App; SIGTERM closes the session, so the App server goes with it."""
+    import signal
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ovseg.app.cli", "review", "app-test", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while not _serving(url) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert _serving(url), f"ovseg review did not serve {url}"
+        with urllib.request.urlopen(f"{url}/datasets/app-test", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0]
+    assert f"{url}/datasets/app-test" in out and "least-reliable" in out
+    deadline = time.monotonic() + 30
+    while _serving(url) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _serving(url), "the App server outlived `ovseg review`"
