@@ -51,3 +51,19 @@ def decoded_categories(monkeypatch) -> list:
 
     monkeypatch.setattr(COCO, "annToMask", spy)
     return decoded
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium through Playwright; missing, it fails in CI (CI=true) and skips elsewhere."""
+    from helpers import CHROMIUM, CHROMIUM_ARGS
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing in CI")
+        pytest.skip("Chromium not found: apt-get install chromium")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield b
+        b.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -15,41 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import free_port, serving
+
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serving(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CHROMIUM} is missing in CI")
-        pytest.skip("Chromium not found: apt-get install chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +32,19 @@ def app(tmp_path_factory):
         (folder / name).write_bytes((EXAMPLES / name).read_bytes())
     label(folder, "app-test", words="cat, cup", methods="xpm,cam", progress=False)
     fo = fiftyone()
-    port = _free_port()
+    port = free_port()
     session = launch_app(fo.load_dataset("app-test"), port=port)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while not _serving(url) and time.monotonic() < deadline:
+    while not serving(url) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _serving(url), f"the FiftyOne App did not answer on {url}"
+    assert serving(url), f"the FiftyOne App did not answer on {url}"
     yield session, url
     session.close()
     deadline = time.monotonic() + 30
-    while _serving(url) and time.monotonic() < deadline:
+    while serving(url) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _serving(url), "the App server outlived its session"
+    assert not serving(url), "the App server outlived its session"
 
 
 def _grid_pixels(page) -> np.ndarray:
@@ -129,15 +99,15 @@ def test_review_command_serves_the_app_and_stops_it_on_sigterm(app):
     import subprocess
     import sys
 
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "ovseg.app.cli", "review", "app-test", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
-        while not _serving(url) and time.monotonic() < deadline and proc.poll() is None:
+        while not serving(url) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
-        assert _serving(url), f"ovseg review did not serve {url}"
+        assert serving(url), f"ovseg review did not serve {url}"
         with urllib.request.urlopen(f"{url}/datasets/app-test", timeout=5) as r:
             assert r.status == 200
     finally:
@@ -145,6 +115,6 @@ def test_review_command_serves_the_app_and_stops_it_on_sigterm(app):
         out = proc.communicate(timeout=60)[0]
     assert f"{url}/datasets/app-test" in out and "least-reliable" in out
     deadline = time.monotonic() + 30
-    while _serving(url) and time.monotonic() < deadline:
+    while serving(url) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not _serving(url), "the App server outlived `ovseg review`"
+    assert not serving(url), "the App server outlived `ovseg review`"

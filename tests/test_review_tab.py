@@ -3,52 +3,20 @@ Review tab's handlers directly, then the real app's Review tab in Chromium (Play
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from helpers import running_webapp
 from ovseg.core.errors import OvsegError
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "assets" / "examples"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 DATASET = "review-tab-test"
-# As in test_webapp.py.
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
-START_TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_until_serving(url: str, proc: subprocess.Popen, log_path: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"ovseg-app exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"ovseg-app did not answer on {url} within {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> str:
     """A dataset labelled by `ovseg label` (xpm and cam) from cat.jpg and coffee.jpg with "cat, cup"."""
@@ -270,40 +238,8 @@ def test_retrain_handler_reloads_the_engines_methods_and_shows_the_figures(monke
 @pytest.fixture(scope="module")
 def review_app(dataset, tmp_path_factory):
     """The real app in a subprocess (CPU) on the same data folder, hence the same FiftyOne database."""
-    work = tmp_path_factory.mktemp("review-app")
-    port = _free_port()
-    env = dict(os.environ, GRADIO_TEMP_DIR=str(work / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
-    log_path = work / "server.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "ovseg.app.webapp", "--port", str(port), "--device", "cpu"],
-            cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        _wait_until_serving(url, proc, log_path)
+    with running_webapp(tmp_path_factory.mktemp("review-app")) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    assert "Traceback" not in log_path.read_text(errors="replace"), log_path.read_text()[-4000:]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CHROMIUM} is missing in CI")
-        pytest.skip("Chromium not found: apt-get install chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _choose(page, elem_id: str, option: str) -> None:
