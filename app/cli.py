@@ -88,17 +88,24 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="the COCO folder to write (replaced whole when done)")
     ex.add_argument("--db-dir", default=None, help="the FiftyOne database folder")
 
-    rt = sub.add_parser("retrain", help="fine-tune XPM's student on a dataset's curated labels (new checkpoint version)")
+    rt = sub.add_parser("retrain", help="fine-tune XPM's student and the class-agnostic segmenter on a dataset's "
+                                        "curated labels (new checkpoint versions)")
     rt.add_argument("dataset", help="the FiftyOne dataset")
     rt.add_argument("--coco", default=None, help="COCO folder with the base training data and held-out images "
                                                  "(default: the dataset's source)")
     rt.add_argument("--tags", default="approved", help="comma-separated tags of the labels to train on")
     rt.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
     rt.add_argument("--no-eval", action="store_true", help="skip the before/after evaluation")
+    rt.add_argument("--no-segmenter", action="store_true",
+                    help="retrain XPM's student only, not cls_saliency's class-agnostic segmenter")
+    rt.add_argument("--segmenter-eval-images", type=int, default=30,
+                    help="held-out images the segmenter is evaluated on before and after (default 30; guided "
+                         "backprop costs seconds an image)")
     rt.add_argument("--db-dir", default=None, help="the FiftyOne database folder")
 
     ck = sub.add_parser("checkpoints", help="list a method's checkpoint versions, or choose the one in use")
-    ck.add_argument("method", nargs="?", default="xpm", choices=("xpm",), help="the method (default xpm)")
+    ck.add_argument("method", nargs="?", default="xpm", choices=("xpm", "cls_saliency"),
+                    help="the method (default xpm; cls_saliency: its class-agnostic segmenter)")
     ck.add_argument("--use", default=None, help="make this version current: v1, v2, ... or packaged")
 
     x = sub.add_parser("proxies", help="the ImageNet classes each mapper relates to words (Golub et al.'s Table 2)")
@@ -258,18 +265,33 @@ def cmd_retrain(args) -> int:
 
     if args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")
+    if args.segmenter_eval_images < 1:
+        raise ValueError(f"--segmenter-eval-images must be at least 1, got {args.segmenter_eval_images}")
     cfg = RetrainConfig(dataset=args.dataset, coco_dir=args.coco, tags=tuple(t.strip() for t in args.tags.split(",")),
-                        epochs=args.epochs, evaluate=not args.no_eval)
+                        epochs=args.epochs, evaluate=not args.no_eval, segmenter=not args.no_segmenter,
+                        segmenter_eval_images=args.segmenter_eval_images)
     out = retrain(cfg, db_dir=args.db_dir)
     c = out["curated"]
     print(f"xpm {out['version']} (from {out['from']}) in {out['folder']}: {c['labels']} curated labels on "
           f"{c['images']} images ({c['dropped_on_held_out']} on held-out images left out), "
           f"{len(c['new_words'])} new words; now in use")
+    _print_evaluation(out)
+    seg = out.get("segmenter")
+    if seg and "error" in seg:
+        print(f"cls_saliency segmenter not retrained: {seg['error']}")
+    elif seg:
+        p = seg["pairs"]
+        print(f"cls_saliency segmenter {seg['version']} (from {seg['from']}) in {seg['folder']}: {p['curated']} "
+              f"curated (image, word) pairs and {p['base_replayed']} base pairs on {p['images']} images; now in use")
+        _print_evaluation(seg)
+    return 0
+
+
+def _print_evaluation(out: dict) -> None:
     if "evaluation" in out:
         ev = out["evaluation"]
-        print(f"held-out concept mIoU ({ev['images']} images): target {ev['before']['target_miou']:.3f} -> "
+        print(f"  held-out concept mIoU ({ev['images']} images): target {ev['before']['target_miou']:.3f} -> "
               f"{ev['after']['target_miou']:.3f}, base {ev['before']['base_miou']:.3f} -> {ev['after']['base_miou']:.3f}")
-    return 0
 
 
 def cmd_checkpoints(args) -> int:

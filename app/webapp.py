@@ -7,8 +7,8 @@ so the handler takes the uploaded file's path and lets the engine's loader valid
 The Review tab works on a labelled FiftyOne dataset (`ovseg label`) through `ovseg.curate.corrections`: pick a
 sample (least reliable first) and one of its pseudo-masks, approve or reject it, or paint a corrected mask
 (optionally under another word, optionally refined with GrabCut) and save it; every action is written to
-the database at once. "Retrain from approved labels" fine-tunes XPM on the dataset's approved labels and
-makes the Segment tab load the new checkpoint.
+the database at once. "Retrain from approved labels" fine-tunes XPM's student and cls_saliency's segmenter on
+the dataset's approved labels (each stage shown as it runs) and makes the Segment tab load the new checkpoints.
 """
 
 from __future__ import annotations
@@ -432,12 +432,25 @@ def retrain_summary(out: dict) -> str:
              f"{cur.get('labels', 0)} curated label(s) on {cur.get('images', 0)} image(s)"]
     if cur.get("new_words"):
         lines.append(f"\nnew words: {_md(', '.join(cur['new_words']))}")
-    ev = out.get("evaluation")
-    if ev:
-        lines += ["", f"| held-out ({ev.get('images', '?')} images) | before | after |", "|---|---|---|"]
-        for key, name in (("target_miou", "target concept mIoU"), ("base_miou", "base concept mIoU")):
-            b, a = ev.get("before", {}).get(key), ev.get("after", {}).get(key)
-            lines.append(f"| {name} | {_figure(b)} | {_figure(a)} |")
+    seg = out.get("segmenter")
+    if seg and "error" in seg:
+        lines.append(f"\nclass-agnostic segmenter not retrained: {_md(seg['error'])}")
+        seg = None
+    if seg:
+        p = seg.get("pairs", {})
+        lines.append(f"\nclass-agnostic segmenter (cls_saliency) · new checkpoint **{_md(str(seg.get('version')))}** "
+                     f"(from {_md(str(seg.get('from') or 'the packaged model'))}) · {p.get('curated', 0)} curated and "
+                     f"{p.get('base_replayed', 0)} base (image, word) pair(s)")
+    rows = [(f"xpm, held-out ({out['evaluation'].get('images', '?')} images)", out["evaluation"])
+            ] if out.get("evaluation") else []
+    if seg and seg.get("evaluation"):
+        rows.append((f"segmenter, held-out ({seg['evaluation'].get('images', '?')} images)", seg["evaluation"]))
+    if rows:
+        lines += ["", "| concept mIoU | before | after |", "|---|---|---|"]
+        for head, ev in rows:
+            for key, name in (("target_miou", "target"), ("base_miou", "base")):
+                b, a = ev.get("before", {}).get(key), ev.get("after", {}).get(key)
+                lines.append(f"| {_md(head)}: {name} | {_figure(b)} | {_figure(a)} |")
     else:
         lines.append("\n(no held-out evaluation in this run)")
     return "\n".join(lines)
@@ -607,15 +620,15 @@ class Review:
         return (data, png_file(mask_overlay(image, refined)), editor,
                 f"**Refined** with GrabCut: {int(refined.sum())} pixels · press **Save correction** to keep it")
 
-    def retrain(self, name):
+    def retrain(self, name, on_stage=None):
         """Fine-tune on the dataset's approved labels, then make the engine reload its methods (the new
-        checkpoint). -> status."""
+        checkpoints). `on_stage(text)` hears each stage as it starts. -> status."""
         from ovseg.curate.retrain import RetrainConfig, retrain
 
         try:
             if not name:
                 raise OvsegError("pick a dataset first")
-            out = retrain(RetrainConfig(dataset=name, **self.retrain_options), progress=False)
+            out = retrain(RetrainConfig(dataset=name, **self.retrain_options), progress=False, on_stage=on_stage)
         except Exception as exc:
             return self._fail(exc)
         self.engine.reload_methods()
@@ -661,7 +674,10 @@ def _review_tab(gr, review: Review, tab) -> None:
     reject.click(lambda d, i: review.verdict(d, i, "rejected"), [state, mask], sample_outputs)
     save.click(review.save, [state, mask, editor, word], sample_outputs)
     grabcut.click(review.refine, [state, editor], [state, overlay, editor, status])
-    retrain.click(review.retrain, dataset, status, concurrency_limit=1)
+    def retrain_showing_stages(name, progress=gr.Progress()):
+        return review.retrain(name, on_stage=lambda text: progress(None, desc=text))
+
+    retrain.click(retrain_showing_stages, dataset, status, concurrency_limit=1)
 
 
 def _threshold_slider(gr, method: str, render: bool = True):

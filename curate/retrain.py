@@ -1,5 +1,8 @@
-"""`ovseg retrain NAME`: fine-tune XPM's student on the curated labels of a dataset plus the base training data,
-as a new versioned checkpoint that becomes the one in use; evaluate before and after on held-out images.
+"""`ovseg retrain NAME`: fine-tune the student heads on the curated labels of a dataset plus the base training
+data, XPM's student and (unless `segmenter=False`) the class-agnostic segmenter of `cls_saliency`, each as a
+new versioned checkpoint that becomes the one in use; evaluate before and after on held-out images. This
+module does XPM's student; `ovseg.curate.retrain_segmenter` the segmenter, whose summary is the result's
+"segmenter" entry.
 
 * Curated labels: the dataset's pseudo-masks tagged `approved` (or on an approved sample; `rejected` wins),
   including those corrected in ovseg-app. Each is a ground-truth instance of its word: box from the mask,
@@ -44,7 +47,9 @@ class RetrainConfig:
     long_side: int = 448
     seed: int = 0
     evaluate: bool = True
-    curated_only: bool = False  # train on the curated images alone (quick runs, tests)
+    curated_only: bool = False  # train XPM on the curated images alone (quick runs, tests)
+    segmenter: bool = True  # also fine-tune cls_saliency's class-agnostic segmenter (ovseg.curate.retrain_segmenter)
+    segmenter_eval_images: int = 30
 
 
 def _coco_dir(cfg: RetrainConfig, ds) -> Path:
@@ -88,7 +93,6 @@ def retrain(cfg: RetrainConfig, progress: bool = True, db_dir=None, on_stage=Non
     """Run the whole retrain; returns the summary written to retrain.json (with "version" and "folder")."""
     from tqdm import tqdm
 
-    from ovseg.app.evaluate import evaluate
     from ovseg.core.backbone import input_size
     from ovseg.core.cache import atomic_write_json, replaced_folder
     from ovseg.core.checkpoints import current_version, method_dir, next_version, use
@@ -97,6 +101,7 @@ def retrain(cfg: RetrainConfig, progress: bool = True, db_dir=None, on_stage=Non
     from ovseg.core.xpm_model import XPMNet
     from ovseg.curate.export import curated_labels
     from ovseg.curate.fo import load_dataset
+    from ovseg.curate.retrain_segmenter import SegmenterRetrainConfig, evaluate_before_after, retrain_segmenter
     from ovseg.train.coco import BASE_CLASSES, CocoConceptDataset, split_image_ids
     from ovseg.train.xpm import TrainConfig, _fit, as_float, base_annotations, flip_annotations, gt_loss, image_features
 
@@ -135,7 +140,7 @@ def retrain(cfg: RetrainConfig, progress: bool = True, db_dir=None, on_stage=Non
     models = Models("cpu")
     vectors = models.embed_words(vocab).float().cpu()
 
-    stage("features")
+    stage("xpm: image features")
     image_keys = list(by_image) if cfg.curated_only else sorted(
         set(by_image) | {str(dataset.image_path(i).resolve()) for i in train_ids})
     data: dict[str, dict] = {}
@@ -154,7 +159,7 @@ def retrain(cfg: RetrainConfig, progress: bool = True, db_dir=None, on_stage=Non
         data[key] = {"input_hw": hw, "feats": [image_features(models, rgb, cfg.long_side, f) for f in (False, True)],
                      "gt": [gt, flip_annotations(gt, hw[1])]}
 
-    stage("training")
+    stage("xpm: training the student")
     tcfg = TrainConfig(coco_dir=str(root), out="", batch_images=cfg.batch_images, seed=cfg.seed,
                        long_side=cfg.long_side)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -182,29 +187,32 @@ def retrain(cfg: RetrainConfig, progress: bool = True, db_dir=None, on_stage=Non
                    for k in (history[0] if history else {})},
         "seconds": {"training": round(train_seconds, 1)},
     }
-    stage("saving")
+    stage("xpm: saving the new version")
     with replaced_folder(folder) as tmp:
         for f in before_folder.iterdir():  # the other networks and files travel with the new student
             if f.is_file() and f.name not in ("student.pt", "retrain.json"):
                 _link_or_copy(f, tmp / f.name)
         student.save(tmp / "student.pt", {**extra, "retrained_words": summary["curated"]["new_words"]})
         atomic_write_json(tmp / "retrain.json", summary)
+    data.clear()  # the features of every training image: the evaluation and the segmenter need the memory
 
     if cfg.evaluate:
-        stage("evaluating before and after on the held-out images")
-        t0 = time.perf_counter()
-        specs = [f"xpm[checkpoint={before_folder}]", f"xpm[checkpoint={folder}]"]
-        metrics, _ = evaluate(root, specs, progress=progress, reference=False, held_out_only=True)
-        ev = {}
-        for name, spec in zip(("before", "after"), specs):
-            m = metrics["methods"][spec]
-            ev[name] = {"target_miou": m["concept_miou"]["target"], "base_miou": m["concept_miou"]["base"]}
-        ev["images"] = metrics["dataset"]["images"]
-        ev["pairs"] = {"target": metrics["dataset"]["pairs_target"], "base": metrics["dataset"]["pairs_base"]}
-        summary["evaluation"] = ev
-        summary["seconds"]["evaluation"] = round(time.perf_counter() - t0, 1)
+        stage("xpm: evaluating before and after on the held-out images")
+        summary["evaluation"] = evaluate_before_after(root, METHOD, before_folder, folder, progress,
+                                                      models=models)
+        summary["seconds"]["evaluation"] = summary["evaluation"].pop("seconds")
         atomic_write_json(folder / "retrain.json", summary)
     use(METHOD, version)
+
+    if cfg.segmenter:
+        seg_cfg = SegmenterRetrainConfig(epochs=cfg.epochs, seed=cfg.seed, evaluate=cfg.evaluate,
+                                         eval_images=cfg.segmenter_eval_images)
+        try:
+            summary["segmenter"] = retrain_segmenter(seg_cfg, kept, dataset, root, train_ids, cfg.dataset,
+                                                     progress=progress, stage=stage, models=models)
+        except OvsegError as exc:  # e.g. too few pairs: XPM's new version stands, say why the segmenter did not
+            log.warning("the segmenter was not retrained: %s", exc)
+            summary["segmenter"] = {"error": str(exc)}
     return summary
 
 

@@ -327,7 +327,9 @@ def test_retrain_writes_a_new_version_that_the_engine_uses(coco_dataset, predict
 
     _, review = coco_dataset
     assert ck.current_version("xpm") == "packaged"
-    out = retrain(RetrainConfig(dataset="coco-test", epochs=2, evaluate=False, curated_only=True), progress=False)
+    out = retrain(RetrainConfig(dataset="coco-test", epochs=2, evaluate=False, curated_only=True, segmenter=False),
+                  progress=False)
+    assert "segmenter" not in out and ck.current_version("cls_saliency") == "packaged"
     assert out["version"] == "v1" and ck.current_version("xpm") == "v1"
     folder = Path(out["folder"])
     assert {p.name for p in folder.iterdir()} >= {"student.pt", "teacher.pt", "student_plain.pt", "config.json",
@@ -358,8 +360,59 @@ def test_fiftyone_plugin_operator_retrains(coco_dataset):
     assert "@ovseg/curation" in [p.name for p in fop.list_plugins()]
     before = ck.versions("xpm")
     res = foo.execute_operator("@ovseg/curation/retrain",
-                               ctx={"dataset": "coco-test", "params": {"epochs": 1, "evaluate": False}})
+                               ctx={"dataset": "coco-test", "params": {"epochs": 1, "evaluate": False,
+                                                                       "segmenter": False}})
     assert res.error is None, res.error
     assert res.result["version"] not in before and res.result["labels"] > 0
     assert ck.current_version("xpm") == res.result["version"]
     ck.use("xpm", "packaged")
+
+
+@needs_coco
+@pytest.mark.slow
+def test_retrain_fine_tunes_the_class_agnostic_segmenter_too(coco_dataset, predictor):
+    """The default retrain also fine-tunes cls_saliency's segmenter on the curated (image, word) pairs plus the
+    base pairs of their images; the new version is what cls_saliency loads, other variants stay packaged."""
+    import torch
+
+    from ovseg.core import checkpoints as ck
+    from ovseg.core.methods.cls_saliency import ClsSaliency
+    from ovseg.core.segmenter import load_segmenter, packaged_checkpoint
+    from ovseg.curate.export import curated_labels
+    from ovseg.curate.retrain import RetrainConfig, retrain
+    from ovseg.train.coco import CocoConceptDataset, base_training_pairs
+
+    ds, _ = coco_dataset
+    xpm_before = ck.versions("xpm")
+    out = retrain(RetrainConfig(dataset="coco-test", epochs=1, evaluate=False, curated_only=True), progress=False)
+    seg = out["segmenter"]
+    assert out["version"] not in xpm_before and ck.current_version("xpm") == out["version"]
+    assert seg["version"] == "v1" and ck.current_version("cls_saliency") == "v1"
+    assert seg["variant"] == "sem2c_neg" and seg["saliency"] == "guided_backprop" and seg["from"] == "packaged"
+    folder = Path(seg["folder"])
+    assert {p.name for p in folder.iterdir()} == {"weights.pt", "config.json", "retrain.json"}
+
+    # the pairs: curated (image, word) pairs unless the word is a base class annotated there, plus those base pairs
+    coco = CocoConceptDataset(COCO_DEV)
+    labels = curated_labels(ds, ["approved"])
+    curated = {(lab["coco_id"], lab["word"]) for lab in labels}
+    base = set(base_training_pairs(coco, sorted({i for i, _ in curated})))
+    assert seg["pairs"]["base_replayed"] == len(base) > 0
+    assert seg["pairs"]["curated"] == len(curated - base) > 0
+    assert seg["pairs"]["images"] == len({i for i, _ in curated})
+    assert seg["loss"]["steps"] >= 1 and np.isfinite(seg["loss"]["last_20"])
+
+    m = ClsSaliency(predictor.models)
+    packaged = load_segmenter(packaged_checkpoint("sem2c_neg"), torch.device("cpu")).state_dict_small()
+    new = m.segmenter.state_dict_small()
+    assert any(not torch.equal(v, packaged[k]) for k, v in new.items())
+    other = ClsSaliency(predictor.models, variant="sem1c").segmenter.state_dict_small()
+    sem1c = load_segmenter(packaged_checkpoint("sem1c"), torch.device("cpu")).state_dict_small()
+    assert all(torch.equal(v, sem1c[k]) for k, v in other.items())  # another variant is not the retrained one
+
+    r = _ovseg("checkpoints", "cls_saliency")
+    assert r.returncode == 0 and "* v1" in r.stdout, r.stdout + r.stderr
+    ck.use("cls_saliency", "packaged")
+    ck.use("xpm", "packaged")
+    back = ClsSaliency(predictor.models).segmenter.state_dict_small()
+    assert all(torch.equal(v, packaged[k]) for k, v in back.items())

@@ -213,15 +213,20 @@ def test_retrain_handler_reloads_the_engines_methods_and_shows_the_figures(monke
         seen["cfg"] = cfg
         return {"version": "v3", "from": "v2", "curated": {"labels": 5, "images": 2, "new_words": ["mug"]},
                 "evaluation": {"images": 4, "before": {"target_miou": 0.2, "base_miou": 0.5},
-                               "after": {"target_miou": 0.25, "base_miou": float("nan")}}}
+                               "after": {"target_miou": 0.25, "base_miou": float("nan")}},
+                "segmenter": {"version": "v1", "from": "packaged", "pairs": {"curated": 3, "base_replayed": 7},
+                              "evaluation": {"images": 2, "before": {"target_miou": 0.1, "base_miou": 0.3},
+                                             "after": {"target_miou": 0.15, "base_miou": 0.35}}}}
 
     monkeypatch.setattr(retrain_module, "retrain", fake_retrain)
     engine = webapp.Engine(FakePredictor(), device="cpu")
     status = webapp.Review(engine, {"epochs": 1}).retrain("some-dataset")
     assert seen["cfg"].dataset == "some-dataset" and seen["cfg"].epochs == 1
     assert engine._predictor._methods == {}
-    assert "v3" in status and "| target concept mIoU | 0.200 | 0.250 |" in status
-    assert "| base concept mIoU | 0.500 | – |" in status
+    assert "v3" in status and "| xpm, held-out (4 images): target | 0.200 | 0.250 |" in status
+    assert "| xpm, held-out (4 images): base | 0.500 | – |" in status
+    assert "segmenter (cls_saliency) · new checkpoint **v1** (from packaged) · 3 curated and 7 base" in status
+    assert "| segmenter, held-out (2 images): target | 0.100 | 0.150 |" in status
 
     def failing(cfg, progress=True, **_):
         raise OvsegError("no pseudo-mask of 'x' is tagged approved: nothing to retrain from")

@@ -47,8 +47,10 @@ def resized_target(mask: np.ndarray, size: int) -> torch.Tensor:
 
 def fit_segmenter(seg_cfg: SegmenterConfig, pairs: list, sample: Callable, *, epochs: int, batch_size: int,
                   lr: float, weight_decay: float, seed: int, rng: random.Random, progress: bool = True,
-                  desc: str = "train segmenter") -> tuple[ClassAgnosticSegmenter, list[float], float]:
-    """Train a fresh segmenter (packaged ImageNet backbone, new parts seeded by `seed`).
+                  desc: str = "train segmenter", init: ClassAgnosticSegmenter | None = None
+                  ) -> tuple[ClassAgnosticSegmenter, list[float], float]:
+    """Train a fresh segmenter (packaged ImageNet backbone, new parts seeded by `seed`), or go on training
+    `init` (a trained one, fine-tuned in place; its config, not `seg_cfg`, decides what trains).
 
     Each epoch shuffles `pairs` with `rng`; `sample(pair, flip)` returns (input, target) for one pair, flip
     drawn from `rng` (p = 0.5); a last batch of a single pair is skipped (BatchNorm needs two). AdamW on the trainable parameters, one-cycle learning rate (10% warm-up).
@@ -58,7 +60,8 @@ def fit_segmenter(seg_cfg: SegmenterConfig, pairs: list, sample: Callable, *, ep
     """
     from tqdm import tqdm
 
-    model = ClassAgnosticSegmenter.from_package(seg_cfg, torch.Generator().manual_seed(seed))
+    model = init if init is not None else ClassAgnosticSegmenter.from_package(
+        seg_cfg, torch.Generator().manual_seed(seed))
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr, weight_decay=weight_decay)
     # BatchNorm in the ASPP pooling branch needs two samples: a last batch of one is left out of the epoch.
     per_epoch = len(pairs) // batch_size + (1 if len(pairs) % batch_size >= 2 else 0)

@@ -38,6 +38,20 @@ def checkpoint_name(variant: str = "sem2c_neg", saliency: str = "guided_backprop
     return variant if saliency == "guided_backprop" else f"{variant}-{saliency}"
 
 
+def default_checkpoint(variant: str | None = None, saliency: str | None = None) -> Path:
+    """The segmenter folder for a variant and saliency mode (None: the defaults): the version `ovseg retrain`
+    made current when it was trained that way, else the packaged one."""
+    from ovseg.core.checkpoints import current_folder
+
+    current = current_folder("cls_saliency")
+    if current is not None:
+        trained = json.loads((current / "config.json").read_text()).get("train", {})
+        if (variant in (None, trained.get("variant", "sem2c_neg"))
+                and saliency in (None, trained.get("saliency", "guided_backprop"))):
+            return current
+    return packaged_checkpoint(checkpoint_name(variant or "sem2c_neg", saliency or "guided_backprop"))
+
+
 @register_method("cls_saliency")
 class ClsSaliency(Method):
     summary = "Golub et al.: WordNet proxy labels -> guided-backprop S+/S- -> 5-channel segmenter -> GrabCut"
@@ -59,7 +73,7 @@ class ClsSaliency(Method):
         if saliency is not None and saliency not in SALIENCY_MODES:
             raise OvsegError(f"cls_saliency saliency must be one of {', '.join(SALIENCY_MODES)}, got {saliency!r}")
         if checkpoint is None:
-            checkpoint = packaged_checkpoint(checkpoint_name(variant or "sem2c_neg", saliency or "guided_backprop"))
+            checkpoint = default_checkpoint(variant, saliency)
         self.segmenter = load_segmenter(checkpoint, models.device)
         trained = json.loads((Path(checkpoint) / "config.json").read_text()).get("train", {})
         self.variant = trained.get("variant", "sem2c_neg")
