@@ -287,6 +287,11 @@ def test_review_tab_approves_a_pseudo_mask_into_the_database(dataset, review_app
         assert "Traceback" not in body and "Error" not in page.locator("#review-status").inner_text()
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "app_review.png"), full_page=True)
+        # the retrain button runs the retrain (with its stage display); this folder dataset has no COCO base
+        # data, which the status says
+        page.click("#review-retrain")
+        expect(page.locator("#review-status")).to_contain_text("was not labelled from a COCO folder",
+                                                               timeout=60_000)
     finally:
         context.close()
 
