@@ -674,6 +674,7 @@ def _review_tab(gr, review: Review, tab) -> None:
     reject.click(lambda d, i: review.verdict(d, i, "rejected"), [state, mask], sample_outputs)
     save.click(review.save, [state, mask, editor, word], sample_outputs)
     grabcut.click(review.refine, [state, editor], [state, overlay, editor, status])
+
     def retrain_showing_stages(name, progress=gr.Progress()):
         return review.retrain(name, on_stage=lambda text: progress(None, desc=text))
 

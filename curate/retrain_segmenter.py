@@ -66,7 +66,8 @@ class _Images:
     def key(self, coco_id: int | None, path: str) -> int:
         if coco_id is not None:
             return int(coco_id)
-        key = _PATH_KEY_OFFSET + zlib.crc32(str(path).encode())
+        st = Path(path).stat()  # the file's identity, so that a changed file gets fresh cached priors
+        key = _PATH_KEY_OFFSET + zlib.crc32(f"{path}|{st.st_size}|{st.st_mtime_ns}".encode())
         self.paths[key] = path
         return key
 

@@ -416,3 +416,33 @@ def test_retrain_fine_tunes_the_class_agnostic_segmenter_too(coco_dataset, predi
     ck.use("xpm", "packaged")
     back = ClsSaliency(predictor.models).segmenter.state_dict_small()
     assert all(torch.equal(v, packaged[k]) for k, v in back.items())
+
+
+@needs_coco
+def test_segmenter_pairs_union_masks_let_annotations_win_and_key_other_images_by_file():
+    from ovseg.curate.retrain_segmenter import _PATH_KEY_OFFSET, _Images, training_pairs
+    from ovseg.train.coco import BASE_CLASSES, CocoConceptDataset, base_training_pairs, training_mask
+
+    coco = CocoConceptDataset(COCO_DEV)
+    image_id, base_class = next(p for p in base_training_pairs(coco, coco.image_ids))
+    h, w = coco.image_size(image_id)
+    path = str(coco.image_path(image_id).resolve())
+    a, b = np.zeros((h, w), bool), np.zeros((h, w), bool)
+    a[:10, :10], b[20:30, 20:30] = True, True
+    cat = EXAMPLES / "cat.jpg"
+    W, H = Image.open(cat).size
+    elsewhere = np.zeros((H, W), bool)
+    elsewhere[5:50, 5:60] = True
+    kept = [{"filepath": path, "word": "mug", "mask": a}, {"filepath": path, "word": "mug", "mask": b},
+            {"filepath": path, "word": base_class, "mask": a},  # a base class annotated here: the annotation wins
+            {"filepath": str(cat), "word": "kitten", "mask": elsewhere}]
+    assert "mug" not in BASE_CLASSES
+    images = _Images(coco)
+    targets, base = training_pairs(kept, coco, {Path(path): image_id}, images)
+    assert set(base) == set(base_training_pairs(coco, [image_id])) and (image_id, base_class) in base
+    assert np.array_equal(targets[(image_id, "mug")], (a | b).astype(np.uint8))
+    assert np.array_equal(targets[(image_id, base_class)], training_mask(coco, image_id, base_class))
+    (key,) = [k for k, word in targets if word == "kitten"]
+    assert key >= _PATH_KEY_OFFSET and np.array_equal(targets[(key, "kitten")], elsewhere.astype(np.uint8))
+    assert images.load_rgb(key).shape == (H, W, 3) and images.load_rgb(image_id).shape == (h, w, 3)
+    assert len(targets) == len(base) + 2
