@@ -208,7 +208,7 @@ def retrain(cfg: RetrainConfig, progress: bool = True, db_dir=None, on_stage=Non
         seg_cfg = SegmenterRetrainConfig(epochs=cfg.epochs, seed=cfg.seed, evaluate=cfg.evaluate,
                                          eval_images=cfg.segmenter_eval_images)
         try:
-            summary["segmenter"] = retrain_segmenter(seg_cfg, kept, dataset, root, train_ids, cfg.dataset,
+            summary["segmenter"] = retrain_segmenter(seg_cfg, kept, dataset, root, path_to_id, cfg.dataset,
                                                      progress=progress, stage=stage, models=models)
         except OvsegError as exc:  # e.g. too few pairs: XPM's new version stands, say why the segmenter did not
             log.warning("the segmenter was not retrained: %s", exc)

@@ -24,6 +24,7 @@ import logging
 import random
 import time
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,15 +46,6 @@ class SegmenterRetrainConfig:
     seed: int = 0
     evaluate: bool = True
     eval_images: int = 30  # held-out images for before/after (about 10 s each with guided backprop)
-
-
-def segmenter_in_use() -> Path:
-    """The segmenter folder `cls_saliency` uses by default: the version `ovseg retrain` made current, else the
-    packaged sem2c_neg."""
-    from ovseg.core.checkpoints import current_folder
-    from ovseg.core.segmenter import packaged_checkpoint
-
-    return current_folder(METHOD) or packaged_checkpoint("sem2c_neg")
 
 
 class _Images:
@@ -102,17 +94,17 @@ def training_pairs(kept: list[dict], dataset, path_to_id: dict, images: _Images)
     return targets, base
 
 
-def retrain_segmenter(cfg: SegmenterRetrainConfig, kept: list[dict], dataset, root: Path, train_ids: list[int],
+def retrain_segmenter(cfg: SegmenterRetrainConfig, kept: list[dict], dataset, root: Path, path_to_id: dict,
                       dataset_name: str, progress: bool = True, stage=None, models=None) -> dict:
     """Fine-tune the segmenter in use on the curated labels `kept` (already off the held-out images); write
-    and select a new version. Returns its summary (also written as retrain.json). `models`: loaded CPU
-    models to share (else they are loaded)."""
+    and select a new version. Returns its summary (also written as retrain.json). `path_to_id`: {resolved
+    path: COCO id} of the training images. `models`: loaded CPU models to share (else they are loaded)."""
     from tqdm import tqdm
 
     from ovseg.core.backbone import input_size, preprocess
     from ovseg.core.cache import atomic_write_json, cache_dir, replaced_folder
     from ovseg.core.checkpoints import current_version, method_dir, next_version, use
-    from ovseg.core.methods.cls_saliency import VARIANT_NEGATIVES
+    from ovseg.core.methods.cls_saliency import VARIANT_NEGATIVES, default_checkpoint
     from ovseg.core.models import Models
     from ovseg.core.segmenter import load_segmenter, save_segmenter
     from ovseg.train.cls_saliency import SaliencyCache, TrainConfig, _gate_entries
@@ -124,7 +116,7 @@ def retrain_segmenter(cfg: SegmenterRetrainConfig, kept: list[dict], dataset, ro
             stage(text)
 
     t_start = time.perf_counter()
-    before_version, before_folder = current_version(METHOD), segmenter_in_use()
+    before_version, before_folder = current_version(METHOD), default_checkpoint()
     model = load_segmenter(before_folder, torch.device("cpu"))
     trained = json.loads((before_folder / "config.json").read_text()).get("train", {})
     tcfg = TrainConfig(coco_dir=str(root), out="", variant=trained.get("variant", "sem2c_neg"),
@@ -135,8 +127,6 @@ def retrain_segmenter(cfg: SegmenterRetrainConfig, kept: list[dict], dataset, ro
     in_channels, negatives = model.config.in_channels, VARIANT_NEGATIVES[tcfg.variant]
 
     images = _Images(dataset)
-    train_set = set(train_ids)
-    path_to_id = {dataset.image_path(i).resolve(): i for i in train_set}
     targets, base = training_pairs(kept, dataset, path_to_id, images)
     if len(targets) < 2:
         raise OvsegError(f"the segmenter needs at least 2 (image, word) pairs to train on, the curated labels "
@@ -176,9 +166,7 @@ def retrain_segmenter(cfg: SegmenterRetrainConfig, kept: list[dict], dataset, ro
 
     version = next_version(METHOD)
     folder = method_dir(METHOD) / version
-    words: dict[str, int] = {}
-    for _, w in pairs:
-        words[w] = words.get(w, 0) + 1
+    words = Counter(w for _, w in pairs)
     summary = {
         "version": version, "folder": str(folder), "from": before_version, "from_folder": str(before_folder),
         "dataset": dataset_name, "variant": tcfg.variant, "saliency": tcfg.saliency,
