@@ -48,15 +48,10 @@ def _parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a method's heads (writes a checkpoint folder)")
     tsub = t.add_subparsers(dest="method", required=True)
-    from ovseg.train.cls_saliency import add_arguments as cls_saliency_arguments
+    from ovseg.train.registry import trainers
 
-    cls_saliency_arguments(tsub.add_parser("cls_saliency", help="Golub et al.'s class-agnostic segmenter"))
-    from ovseg.train.concept_mask import add_arguments as concept_mask_arguments
-
-    concept_mask_arguments(tsub.add_parser("concept_mask", help="Concept Mask's attention and segmentation networks"))
-    from ovseg.train.xpm import add_arguments as xpm_arguments
-
-    xpm_arguments(tsub.add_parser("xpm", help="XPM's teacher, caption pseudo-labels and robust student"))
+    for trainer in trainers().values():  # each trainer module registers itself
+        trainer.add_arguments(tsub.add_parser(trainer.name, help=trainer.help))
 
     lb = sub.add_parser("label", help="pseudo-label a folder of images (or a COCO folder) into a FiftyOne dataset")
     lb.add_argument("source", help="a folder of images, or a COCO folder (images/ + captions.json)")
@@ -175,7 +170,7 @@ def cmd_segment(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from ovseg.app.evaluate import ABLATION, evaluate
+    from ovseg.train.evaluate import ABLATION, evaluate
     from ovseg.app.report import format_table, write_report
     from ovseg.core.registry import parse_methods
 
@@ -192,9 +187,9 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from ovseg.train import cls_saliency, concept_mask, xpm
+    from ovseg.train.registry import trainers
 
-    out = {"cls_saliency": cls_saliency.run, "concept_mask": concept_mask.run, "xpm": xpm.run}[args.method](args)
+    out = trainers()[args.method].run(args)
     print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
@@ -202,9 +197,9 @@ def cmd_train(args) -> int:
 def cmd_proxies(args) -> int:
     """Without an image there is no likelihood to prune by: WordNet's related classes are listed nearest to
     the word (by the text encoder) first, as the paper's Table 2 orders them by semantic similarity."""
-    from ovseg.core.imagenet import imagenet_classes
+    from ovseg.core.models.imagenet import imagenet_classes
     from ovseg.core.models import Models
-    from ovseg.core.proxy_labels import text_related, wordnet_related
+    from ovseg.core.methods.cls_saliency.proxy_labels import text_related, wordnet_related
 
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
@@ -226,7 +221,7 @@ def cmd_proxies(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from ovseg.curate.label import DEFAULT_BATCH, DEFAULT_METHODS, label
+    from ovseg.app.curate.label import DEFAULT_BATCH, DEFAULT_METHODS, label
 
     out = label(args.source, args.dataset, words=args.words, captions=args.captions,
                 methods=args.methods or DEFAULT_METHODS, device=args.device,
@@ -240,7 +235,7 @@ def cmd_label(args) -> int:
 
 
 def cmd_review(args) -> int:
-    from ovseg.curate.review import oracle_review, review
+    from ovseg.app.curate.review import oracle_review, review
 
     if args.oracle:
         out = oracle_review(args.dataset, args.oracle, args.min_iou, db_dir=args.db_dir)
@@ -252,7 +247,7 @@ def cmd_review(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from ovseg.curate.export import export
+    from ovseg.app.curate.export import export
 
     out = export(args.dataset, args.out, [t for t in args.tags.split(",")], db_dir=args.db_dir)
     print(f"wrote {out['out']}/ (instances.json, captions.json, images/): {out['annotations']} masks on "
@@ -261,7 +256,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_retrain(args) -> int:
-    from ovseg.curate.retrain import RetrainConfig, retrain
+    from ovseg.app.curate.retrain import RetrainConfig, retrain
 
     if args.epochs < 1:
         raise ValueError(f"--epochs must be at least 1, got {args.epochs}")

@@ -5,8 +5,9 @@ The eval runner builds a `metrics` dict::
     {
       "dataset": {"root": str, "images": int, "pairs_target": int, "pairs_base": int},
       "methods": {name: {
-          "concept_miou": {"target": float, "base": float, "h": float},
-          "concept_miou_strict": {"target": float, "base": float, "h": float},
+          "concept_miou": {"target": float, "base": float, "h": float},      # strict: the headline
+          "concept_miou_lenient": {"target": float, "base": float, "h": float},  # unlabelled pixels ignored
+          "acceptance": {"target_0.5": float, "target_0.75": float, "base_0.5": float, "base_0.75": float},
           "presence_ap": {"target": float, "base": float, "h": float},
           "presence_ap_held_out": {"target": float, "base": float, "h": float},
           "ms_per_image": float, "ms_per_concept": float, "images_per_second": float,
@@ -14,13 +15,13 @@ The eval runner builds a `metrics` dict::
           "per_class_ap": {class_name: float},
       }},
       "reference": {"clipseg_architecture": {"ms_per_forward": float, "params_millions": float, "note": str},
-                    "whole_image_mask": {"concept_miou": {...}, "concept_miou_strict": {...}}},
+                    "whole_image_mask": {"concept_miou": {...}, "concept_miou_lenient": {...}}},
       "environment": {"device": str, "torch": str, "threads": int, "date": str},
       "protocol": [str, ...],   # optional: replaces the default protocol lines of report.md
     }
 
 and, separately, PR curves `{method: {class_name: (precision array, recall array)}}` as returned by
-`ovseg.core.metrics.precision_recall_curve`. Scores are in [0, 1] and NaN where undefined; NaN is written
+`ovseg.core.ops.metrics.precision_recall_curve`. Scores are in [0, 1] and NaN where undefined; NaN is written
 as `null` in JSON and `n/a` in tables. Every file is written atomically (temp file + os.replace).
 Plots are drawn on `matplotlib.figure.Figure` with the Agg canvas: no pyplot, no global backend state.
 """
@@ -50,7 +51,9 @@ _SCORE_COLUMNS = (
     ("mIoU base", "concept_miou", "base"),
     ("base held-out", "concept_miou", "base_held_out"),
     ("mIoU h", "concept_miou", "h"),
-    ("strict h", "concept_miou_strict", "h"),
+    ("IoU>=.5 tgt", "acceptance", "target_0.5"),
+    ("IoU>=.5 base", "acceptance", "base_0.5"),
+    ("lenient h", "concept_miou_lenient", "h"),
     ("AP tgt", "presence_ap", "target"),
     ("AP base", "presence_ap", "base"),
     ("AP tgt held-out", "presence_ap_held_out", "target"),
@@ -61,11 +64,15 @@ _TIME_COLUMNS = (("ms/image", "ms_per_image"), ("ms/concept", "ms_per_concept"))
 _DEFAULT_PROTOCOL = (
     "Images: every image of the data set; concepts: the 17 target (held out of training) and 48 base COCO "
     "thing classes.",
-    "Concept mIoU: each method segments each (image, class present) pair; IoU over the annotated pixels only "
-    "(unlabelled pixels are ignored, and so are the class's own crowd regions), averaged over pairs.",
+    "Concept mIoU (strict, the headline): each method segments each (image, class present) pair; IoU with the "
+    "union of the class's masks over all pixels (COCO annotates every instance of its thing classes, so a pixel "
+    "outside them is not the class; only the class's own crowd regions are ignored), averaged over pairs.",
+    "IoU>=.5: the share of pairs with strict IoU at least 0.5 (a mask a person would keep); metrics.json also "
+    "has the share at 0.75.",
     "Base held-out: base-class mIoU over the images `ovseg train` holds out (20%, seed 0): images no "
     "trained part has seen.",
-    "Strict mIoU: the same, but unlabelled pixels count as background (false positives when predicted).",
+    "Lenient mIoU: the older rule, IoU over the annotated pixels only (unlabelled pixels ignored); it flatters "
+    "big masks.",
     "Presence AP: per class, the image-level score of the concept ranks all images (positive: the class has "
     "an instance), non-interpolated AP averaged over classes; h is the harmonic mean of target and base. "
     "'Held-out' ranks only the images training held out (a trained method may remember the training "
@@ -163,11 +170,11 @@ def _reference_lines(metrics: Mapping) -> list[str]:
     whole = _get(metrics, "reference", "whole_image_mask")
     if isinstance(whole, Mapping):
         miou = whole.get("concept_miou") or {}
-        strict = whole.get("concept_miou_strict") or {}
+        lenient = whole.get("concept_miou_lenient") or {}
         lines.append(
             "Reference, whole-image mask: concept mIoU "
             f"tgt {_fmt(_get(miou, 'target'))} / base {_fmt(_get(miou, 'base'))} / h {_fmt(_get(miou, 'h'))}, "
-            f"strict h {_fmt(_get(strict, 'h'))}"
+            f"lenient h {_fmt(_get(lenient, 'h'))}"
         )
     return lines
 
@@ -175,8 +182,8 @@ def _reference_lines(metrics: Mapping) -> list[str]:
 def format_table(metrics: Mapping) -> str:
     """A plain-text table, one row per method, then the reference lines.
 
-    Columns: concept mIoU target/base/h, strict mIoU h, presence AP target/base (3 decimals), ms/image and
-    ms/concept (1 decimal). Missing or NaN values read `n/a`.
+    Columns: strict concept mIoU target/base/h, the share of pairs with IoU >= 0.5, lenient mIoU h, presence AP
+    target/base (3 decimals), ms/image and ms/concept (1 decimal). Missing or NaN values read `n/a`.
 
     Raises:
         ValueError: metrics has no non-empty "methods" dict.
@@ -219,7 +226,7 @@ def _class_groups(methods: Mapping[str, Mapping], key: str) -> list[tuple[str, l
 
 def _attention_section(methods: Mapping[str, Mapping]) -> list[str]:
     """Concept Mask's Table 1 measures for every method with attention priors, and every method's mask
-    precision / recall (the binary mask, per pair, over the valid pixels)."""
+    precision / recall (the binary mask, per pair, over every pixel but the class's crowd regions)."""
     lines = ["", "## Masks: precision and recall", ""]
     rows = [[m, _fmt(_get(r, "mask_precision", "target")), _fmt(_get(r, "mask_recall", "target")),
              _fmt(_get(r, "concept_miou", "target")), _fmt(_get(r, "mask_precision", "base")),

@@ -17,6 +17,19 @@ from ovseg.core.errors import OvsegError
 PACKAGED = "packaged"
 
 
+def packaged(method: str, *parts: str) -> Path:
+    """The checkpoint folder shipped in the package: assets/checkpoints/<method>/<parts...>."""
+    from importlib import resources
+
+    return Path(str(resources.files("ovseg.assets").joinpath("checkpoints", method, *parts)))
+
+
+def in_use(method: str, *parts: str) -> Path:
+    """The checkpoint folder the engine loads for a method: the version `ovseg retrain` made current, else
+    the packaged one (`parts` select within the packaged folder, e.g. a cls_saliency variant)."""
+    return current_folder(method) or packaged(method, *parts)
+
+
 def method_dir(method: str) -> Path:
     from ovseg.core.cache import data_dir
 

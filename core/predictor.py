@@ -5,12 +5,13 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ovseg.core.backbone import input_size, preprocess
+from ovseg.core.models.backbone import input_size, preprocess
 from ovseg.core.concepts import parse_concepts, parse_words
 from ovseg.core.errors import OvsegError
 from ovseg.core.image_io import load_image
@@ -22,6 +23,9 @@ from ovseg.core.types import Prediction
 log = logging.getLogger(__name__)
 
 DEFAULT_LONG_SIDE = 448
+# Method instances kept at once: each spec ("cam[threshold=0.4]") is an instance, and a trained one holds
+# its networks; the least recently used beyond this many is dropped (and rebuilt if asked for again).
+MAX_METHOD_INSTANCES = 8
 
 
 class Predictor:
@@ -57,7 +61,7 @@ class Predictor:
         self.long_side = long_side
         self.max_pixels = max_pixels
         self.method_options = dict(method_options or {})
-        self._methods: dict[str, Method] = {}
+        self._methods: OrderedDict[str, Method] = OrderedDict()  # spec -> instance, least recently used first
         self._state: ImageState | None = None
         self.last_set_image_ms = float("nan")
 
@@ -70,7 +74,9 @@ class Predictor:
         first use, with `method_options` of its name updated by the spec's own options). Instances of
         different specs share the image's cached work (features, saliency maps)."""
         spec = parse_methods([spec])[0]
-        if spec not in self._methods:
+        if spec in self._methods:
+            self._methods.move_to_end(spec)
+        else:
             name, spec_options = split_method_spec(spec)
             cls = get_method(name)
             options = {**self.method_options.get(name, {}), **spec_options}
@@ -80,7 +86,14 @@ class Predictor:
                 raise OvsegError(f"method {name!r} has no option {unknown[0]!r}; its options: "
                                  + (", ".join(accepted) or "none"))
             self._methods[spec] = cls(self.models, **options)
+            while len(self._methods) > MAX_METHOD_INSTANCES:
+                self._methods.popitem(last=False)
         return self._methods[spec]
+
+    def reload_methods(self) -> None:
+        """Drop every method instance, so that each loads its checkpoint in use again (after `ovseg retrain`
+        made a new one current); the models and the current image stay."""
+        self._methods.clear()
 
     def set_image(self, image, name: str | None = None) -> None:
         """Decode and validate `image` (path, PIL image, or HWC array; see `load_image`) and cache its

@@ -13,6 +13,11 @@ from pathlib import Path
 
 import pytest
 
+# The project's root, the shared data beside it (../shared, as CI lays it), and where tests save screenshots.
+ROOT = Path(__file__).resolve().parents[1]
+COCO_DEV = ROOT.parent / "shared" / "data" / "coco_dev"
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]

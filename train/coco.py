@@ -29,6 +29,9 @@ __all__ = [
     "ConceptTargets",
     "CocoConceptDataset",
     "split_image_ids",
+    "held_out_image_ids",
+    "HOLDOUT_FRACTION",
+    "SPLIT_SEED",
     "assert_no_target_annotations",
 ]
 
@@ -100,7 +103,12 @@ def assert_no_target_annotations(class_names: Iterable[str] | str) -> None:
         )
 
 
-def split_image_ids(ids: Iterable[int], holdout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+# The split every trainer uses by default, and so the images `ovseg eval` calls held out.
+HOLDOUT_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+def split_image_ids(ids: Iterable[int], holdout_fraction: float = HOLDOUT_FRACTION, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
     """Split image ids into (train_ids, held_out_ids), deterministically.
 
     The result depends only on the set of ids, the fraction and the seed (not on the input order):
@@ -121,6 +129,12 @@ def split_image_ids(ids: Iterable[int], holdout_fraction: float, seed: int) -> t
     held = sorted(unique[i] for i in order[:n_hold])
     train = sorted(unique[i] for i in order[n_hold:])
     return train, held
+
+
+def held_out_image_ids(ids: Iterable[int]) -> set[int]:
+    """The images the trainers hold out with the default split: base-class scores there measure images no
+    trained part has seen."""
+    return set(split_image_ids(ids)[1])
 
 
 class CocoConceptDataset:
@@ -229,14 +243,14 @@ class CocoConceptDataset:
         self._image_info(image_id)
         return list(self._captions.get(int(image_id), []))
 
-    def _annotations(self, image_id: int) -> list[dict]:
+    def annotations(self, image_id: int) -> list[dict]:
         self._image_info(image_id)
         return self.coco.loadAnns(self.coco.getAnnIds(imgIds=[int(image_id)]))
 
     def classes_present(self, image_id: int) -> list[str]:
         """Scored classes with at least one non-crowd instance in the image, in `self.classes` order."""
         names = {
-            self._cat_name[ann["category_id"]] for ann in self._annotations(image_id) if not ann.get("iscrowd", 0)
+            self._cat_name[ann["category_id"]] for ann in self.annotations(image_id) if not ann.get("iscrowd", 0)
         }
         return [name for name in self.classes if name in names]
 
@@ -246,7 +260,7 @@ class CocoConceptDataset:
         valid = np.zeros((height, width), dtype=bool)
         gt: dict[str, np.ndarray] = {}
         crowd: dict[str, np.ndarray] = {}
-        for ann in self._annotations(image_id):
+        for ann in self.annotations(image_id):
             mask = self.coco.annToMask(ann).astype(bool)
             if mask.shape != (height, width):
                 raise ValueError(
@@ -278,7 +292,7 @@ def training_mask(dataset: CocoConceptDataset, image_id: int, name: str) -> np.n
     assert_no_target_annotations([name])
     h, w = dataset.image_size(image_id)
     target = np.zeros((h, w), dtype=np.uint8)
-    for ann in dataset._annotations(image_id):
+    for ann in dataset.annotations(image_id):
         if dataset._cat_name[ann["category_id"]] != name:
             continue
         mask = dataset.coco.annToMask(ann).astype(bool)

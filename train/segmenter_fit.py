@@ -1,4 +1,4 @@
-"""The training loop every method shares for its class-agnostic segmenter (`ovseg.core.segmenter`): Golub et
+"""The training loop every method shares for its class-agnostic segmenter (`ovseg.core.ops.segmenter`): Golub et
 al.'s attention-channel segmenter (`ovseg train cls_saliency`) and Concept Mask's label-agnostic segmentation
 network (`ovseg train concept_mask`). Only the prior channels differ, and the caller's `sample` makes them.
 """
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovseg.core.segmenter import ClassAgnosticSegmenter, SegmenterConfig, segmentation_loss
+from ovseg.core.ops.segmenter import ClassAgnosticSegmenter, SegmenterConfig, segmentation_loss
 
 
 def training_sample(rgb_input: torch.Tensor, priors: Sequence[torch.Tensor], target: torch.Tensor, size: int,

@@ -1,4 +1,17 @@
-"""The engine's methods. Importing this package registers each one (see `ovseg.core.registry`)."""
+"""The engine's methods, one folder per paper (`cam/`, `cls_saliency/`, ...). Each folder's `__init__` imports
+its `method.py`, whose class registers itself with `@register_method`; importing this package imports every
+folder, so a new method is a new folder and nothing else is edited."""
 
-from ovseg.core.methods import cam, cls_saliency, concept_mask, xpm  # noqa: F401
+import importlib
+import pkgutil
+
 from ovseg.core.methods.base import ImageState, Method  # noqa: F401
+
+
+def _import_all() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if info.ispkg:
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_all()

@@ -10,10 +10,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovseg.core.backbone import BackboneFeatures
+from ovseg.core.models.backbone import BackboneFeatures
 from ovseg.core.errors import OvsegError
 from ovseg.core.models import Models
 from ovseg.core.types import ConceptResult
+
+
+# The least ImageNet-classifier probability mass on a word's related classes for it to count as present
+# (`cam`, `cls_saliency`), chosen on base classes.
+PRESENCE_THRESHOLD = 0.05
 
 
 @dataclass

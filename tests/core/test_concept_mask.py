@@ -1,0 +1,105 @@
+"""The packaged Concept Mask model: files and configs, word vectors, attention blending, verification."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ovseg.core.methods.concept_mask.attention import AttentionNet, ConceptAttentionModel
+from ovseg.core.methods.concept_mask.embedding_net import normalise_maps
+from ovseg.core.errors import OvsegError
+from ovseg.core.checkpoints import packaged
+from ovseg.core.methods.concept_mask.method import ConceptMask
+from ovseg.train.coco import BASE_CLASSES, TARGET_CLASSES
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ConceptAttentionModel(packaged("concept_mask"))
+
+
+def test_packaged_model_has_its_configs_and_was_trained_on_base_classes_only(model):
+    folder = packaged("concept_mask")
+    for name in ("tags.npz", "attention.pt", "attention_nosd.pt", "attention_original.pt", "config.json",
+                 "training.json", "segmenter/weights.pt", "segmenter/config.json", "segmenter_single/weights.pt"):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert set(config["refined_concepts"]) <= set(BASE_CLASSES) and len(config["refined_concepts"]) >= 40
+    assert 0.0 <= config["theta"] <= 1.0
+    summary = json.loads((folder / "training.json").read_text())
+    assert summary["stage1_loss"]["last_epoch"] < summary["stage1_loss"]["first_epoch"]
+    for losses in list(summary["stage2_loss"].values()) + list(summary["stage3_loss"].values()):
+        assert losses["last_20"] < losses["first_20"]
+    assert summary["seconds"]["total"] < 30 * 60
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size < 25_000_000, size
+
+
+def test_attention_net_saves_in_half_precision_and_loads_back(tmp_path):
+    torch.manual_seed(0)
+    net = AttentionNet(torch.randn(7, 5), hidden=16, bottleneck=4, in_dim=12).eval()
+    path = net.save(tmp_path / "a.pt")
+    back = AttentionNet.load(path)
+    head = torch.randn(1, 12, 3, 4)
+    with torch.no_grad():
+        a, b = net.coarse(net.dense(head)), back.coarse(back.dense(head))
+    assert a.shape == (1, 7, 3, 4) and torch.allclose(a, b, rtol=2e-2, atol=2e-2)
+    assert path.stat().st_size < 20_000
+
+
+def test_words_get_tag_vectors_or_mapped_text_vectors_and_a_refined_neighbour(model, predictor):
+    person = model.word("person")
+    assert person.refined and person.source == "tags" and person.neighbour is None
+    # a target class: a tag (from captions) or a mapped text vector, never box-supervised
+    for word in TARGET_CLASSES:
+        w = model.word(word, lambda x: predictor.models.embed_words([x])[0].numpy())
+        assert not w.refined and w.neighbour in model.refined_names and w.vector.shape == person.vector.shape
+    odd = model.word("zebra crossing", lambda x: predictor.models.embed_words([x])[0].numpy())
+    assert odd.source == "text encoder" and odd.index is None
+    with pytest.raises(KeyError, match="not in the tag vocabulary"):
+        model.word("qwertyuiop")
+
+
+def test_attention_of_an_unrefined_word_is_the_theta_blend_of_sec_4_4(model, predictor, examples_dir):
+    predictor.set_image(examples_dir / "cat.jpg")
+    head = predictor._state.features.head.float()
+    maps = model.maps(head)
+    w = model.word("cat", lambda x: predictor.models.embed_words([x])[0].numpy())
+    att = model.attention(maps, w)
+    p = model.refined_index[model.refined_names.index(w.neighbour)]
+    coarse = normalise_maps(torch.einsum("dhw,d->hw", maps["dense"], w.vector))
+    expected = normalise_maps(model.theta * coarse + (1 - model.theta) * normalise_maps(maps["refined"][p]))
+    assert torch.allclose(att["attention"], expected) and torch.allclose(att["coarse"], coarse)
+    assert float(att["attention"].min()) >= 0.0 and float(att["attention"].max()) == pytest.approx(1.0)
+    person = model.attention(maps, model.word("person"))
+    assert torch.allclose(person["attention"], normalise_maps(maps["refined"][model.tags.index["person"]]))
+
+
+def test_options_are_checked(predictor):
+    with pytest.raises(OvsegError, match="attention must be one of"):
+        ConceptMask(predictor.models, attention="best")
+    with pytest.raises(OvsegError, match="scales must be 1 or 2"):
+        ConceptMask(predictor.models, scales=3)
+    with pytest.raises(OvsegError, match="no trained Concept Mask"):
+        ConceptMask(predictor.models, checkpoint="/nonexistent/folder")
+
+
+@pytest.mark.slow
+def test_an_absent_word_gets_an_empty_mask_and_a_present_one_a_mask(predictor, examples_dir):
+    predictor.set_image(examples_dir / "coffee.jpg")  # a cup of coffee on a saucer
+    out = predictor.predict("cup, giraffe, zebra, dog", methods="concept_mask")
+    by_word = {r.concept: r for r in out.results}
+    h, w = predictor._state.size
+    cup = by_word["cup"]  # a target class: no box or mask of it was seen in training
+    assert cup.present and cup.mask.any() and cup.mask.shape == (h, w)
+    assert [p.kind for p in cup.priors] == ["attention", "attention_refined", "probability"]
+    assert cup.details["nearest_refined"] in BASE_CLASSES
+    for absent in ("giraffe", "zebra", "dog"):
+        r = by_word[absent]
+        assert not r.present and not r.mask.any(), (absent, r.details)
+        assert r.score < cup.score
+    # without verification the absent word still gets the segmenter's mask
+    unverified = predictor.predict("giraffe", methods="concept_mask[verify=off]").results[0]
+    assert unverified.details["verified_present"] is False
+    assert np.array_equal(unverified.priors[2].map, by_word["giraffe"].priors[2].map)
