@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
+from collections import Counter
 
 import cv2
 import numpy as np
@@ -103,3 +105,23 @@ def save_png(path, array: np.ndarray):
 def slug(text: str) -> str:
     """A file-name-safe form of a word: 'teddy bear' -> 'teddy_bear'."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "word"
+
+
+def file_stems(texts) -> dict[str, str]:
+    """A distinct, readable file-name stem per text (word or method spec), whatever their order: its
+    letters and digits in any script, lower-cased, joined by '_' ('собака' -> 'собака',
+    'teddy bear' -> 'teddy_bear', 'cam[threshold=0.9]' -> 'cam_threshold_0_9'); where two texts share that
+    stem ('hot-dog', 'hot dog'), or it is empty ('???'), each gets a short hash of the text itself after it
+    ('hot_dog-5f1c2a'). Texts are taken once each."""
+    texts = list(dict.fromkeys(texts))
+    plain = {t: re.sub(r"[\W_]+", "_", t.lower()).strip("_")[:60] for t in texts}
+    shared = Counter(plain.values())
+    stems = {}
+    for t in texts:
+        stem = plain[t]
+        if not stem or shared[stem] > 1:
+            stem = f"{stem or 'word'}-{hashlib.sha1(t.encode('utf-8')).hexdigest()[:6]}"
+        stems[t] = stem
+    if len(set(stems.values())) < len(stems):  # a hashed stem equal to another text's plain one: number them
+        stems = {t: f"{s}-{i}" for i, (t, s) in enumerate(stems.items())}
+    return stems

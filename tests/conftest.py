@@ -55,14 +55,16 @@ def decoded_categories(monkeypatch) -> list:
 
 @pytest.fixture(scope="session")
 def browser():
-    """Debian's Chromium through Playwright; missing, it fails in CI (CI=true) and skips elsewhere."""
-    from helpers import CHROMIUM, CHROMIUM_ARGS
+    """Chromium (helpers.CHROMIUM) through Playwright. Either missing: a failure in CI (CI set to 1, true,
+    yes, ...), a skip with the reason elsewhere (helpers.missing)."""
+    from helpers import CHROMIUM, CHROMIUM_ARGS, missing
 
     if not Path(CHROMIUM).exists():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{CHROMIUM} is missing in CI")
-        pytest.skip("Chromium not found: apt-get install chromium")
-    sync_api = pytest.importorskip("playwright.sync_api")
+        missing(f"Chromium ({CHROMIUM})", "apt-get install chromium")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing("Playwright", "make install (the dev extra)")
     with sync_api.sync_playwright() as pw:
         b = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield b

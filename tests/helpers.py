@@ -1,9 +1,11 @@
-"""What the browser tests share: Chromium's path and flags, a free port, and ovseg-app in a subprocess."""
+"""What the browser tests share: Chromium's path and flags, the CI rule, a free port, and ovseg-app in a
+subprocess."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -18,10 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
 COCO_DEV = ROOT.parent / "shared" / "data" / "coco_dev"
 ARTIFACTS = ROOT / "tests" / "artifacts"
 
-CHROMIUM = "/usr/bin/chromium"
+# The browser the Playwright tests drive: Chromium on the PATH (as .ci/run looks for it), else Debian's.
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 START_TIMEOUT_S = 120
+
+
+def in_ci() -> bool:
+    """Whether the tests run in CI: the environment variable CI set to anything truthy (1, true, yes; CI
+    services set CI=true, people type CI=1)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
+def missing(what: str, how: str) -> None:
+    """A test cannot run for want of `what` (a browser, Playwright): a failure in CI, a skip elsewhere."""
+    if in_ci():
+        pytest.fail(f"{what} is missing in CI ({how})", pytrace=False)
+    pytest.skip(f"{what} is missing: {how}")
 
 
 def free_port() -> int:
@@ -49,12 +65,24 @@ def wait_until_serving(url: str, proc: subprocess.Popen, log_path: Path) -> None
     pytest.fail(f"the server did not answer on {url} within {START_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
 
 
+def stop(proc: subprocess.Popen, grace_s: float = 10) -> None:
+    """Terminate a process a test started, and kill it when it does not stop within `grace_s`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=grace_s)
+
+
 @contextlib.contextmanager
-def running_webapp(work: Path):
-    """ovseg-app (CPU) in a subprocess started in `work`, outside the checkout; yields its URL. On exit it is
-    stopped, and its log must hold no traceback."""
+def running_webapp(work: Path, env: dict | None = None):
+    """ovseg-app (CPU) in a subprocess started in `work`, outside the checkout, with `env` added to the
+    environment; yields its URL. On exit it is stopped (killed if need be), and its log must hold no
+    traceback."""
     port = free_port()
-    env = dict(os.environ, GRADIO_TEMP_DIR=str(work / "gradio"), GRADIO_ANALYTICS_ENABLED="False")
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(work / "gradio"), GRADIO_ANALYTICS_ENABLED="False", **(env or {}))
     log_path = work / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([sys.executable, "-m", "ovseg.app.webapp", "--port", str(port), "--device", "cpu"],
@@ -64,10 +92,5 @@ def running_webapp(work: Path):
         wait_until_serving(url, proc, log_path)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop(proc)
     assert "Traceback" not in log_path.read_text(errors="replace"), log_path.read_text()[-4000:]

@@ -164,8 +164,13 @@ class CocoConceptDataset:
         from pycocotools.coco import COCO
 
         # pycocotools prints "loading annotations into memory..." etc. to stdout.
-        with contextlib.redirect_stdout(io.StringIO()):
-            self.coco = COCO(str(instances_path))
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco = COCO(str(instances_path))
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError) as exc:
+            # not JSON, or not COCO's layout: say which file, not only where in it
+            what = f"missing key {exc}" if isinstance(exc, KeyError) else (str(exc).splitlines() or [repr(exc)])[0]
+            raise ValueError(f"{instances_path} is not valid COCO instances JSON: {what}") from None
 
         self._cat_name = {cat_id: cat["name"] for cat_id, cat in self.coco.cats.items()}
         name_to_id = {name: cat_id for cat_id, name in self._cat_name.items()}

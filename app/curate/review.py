@@ -11,12 +11,23 @@ from __future__ import annotations
 
 import logging
 import time
+from urllib.parse import quote
 
 import numpy as np
 
 from ovseg.core.errors import OvsegError
 
 log = logging.getLogger(__name__)
+
+
+def app_url(address: str, port: int, dataset_name: str) -> str:
+    """A URL that opens the App's session on the dataset: its page, the name quoted as the App quotes it
+    (encodeURIComponent: 'my data' -> /datasets/my%20data). The App's server decodes the path before routing
+    it, so a name with a '/' cannot be a page of its own: then the App's root, which opens the session's
+    dataset. An IPv6 address is bracketed."""
+    host = f"[{address}]" if ":" in address and not address.startswith("[") else address
+    root = f"http://{host}:{int(port)}/"
+    return root if "/" in dataset_name else f"{root}datasets/{quote(dataset_name, safe='')}"
 
 
 def review(dataset_name: str, port: int = 5151, address: str = "127.0.0.1", view: str | None = None,
@@ -32,7 +43,7 @@ def review(dataset_name: str, port: int = 5151, address: str = "127.0.0.1", view
                              f"{', '.join(ds.list_saved_views()) or 'none'}")
         v = ds.load_saved_view(view)
     session = launch_app(ds, port=port, address=address, view=v)
-    url = f"http://{address}:{port}/datasets/{dataset_name}"
+    url = app_url(address, port, dataset_name)
     print(f"FiftyOne App on {url} (saved views: {', '.join(ds.list_saved_views())}); Ctrl-C to stop", flush=True)
     if wait:
         try:

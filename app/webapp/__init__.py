@@ -15,11 +15,13 @@ the dataset's approved labels (each stage shown as it runs) and makes the Segmen
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import os
+import sys
 
-from ovseg.app.webapp.common import (CSS, DEFAULT_METHOD, NO_IMAGE, READY, SALIENCY_CHOICES, default_threshold,
-                                     example_images, has_grabcut, has_option, offline_env)
+from ovseg.app.webapp.common import (CSS, DEFAULT_METHOD, MAX_WORDS, NO_IMAGE, READY, SALIENCY_CHOICES,
+                                     default_threshold, example_images, has_grabcut, has_option, offline_env)
 from ovseg.app.webapp.engine import Engine
 from ovseg.app.webapp.review_tab import (BACKGROUND_COLOUR, MASK_COLOUR, NEW_MASK, Review, mask_layer, painted,
                                          png_file, retrain_summary, review_tab)
@@ -51,7 +53,13 @@ def build_app(predictor=None, device: str = "auto"):
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="ovseg-app", description="Open-vocabulary segmentation in the browser.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1, this machine only); any other, e.g. 0.0.0.0 "
+                             "to serve a LAN, needs --auth or --insecure")
+    parser.add_argument("--auth", default=None, metavar="USER:PASSWORD",
+                        help="ask for this user name and password (gradio's login page)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="serve a non-loopback --host without a password (anyone who can reach it may use it)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)),
                         help="port (default 7860, or GRADIO_SERVER_PORT)")
     parser.add_argument("--device", default="auto", choices=["cpu", "cuda", "auto"],
@@ -59,8 +67,40 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach `host`: localhost, 127.0.0.0/8, ::1. A host name other than
+    localhost may resolve to any interface, so it is not."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def launch_options(args: argparse.Namespace) -> dict:
+    """gradio's `launch` arguments for the address and the login: {"server_name", "auth"}. A non-loopback
+    --host (other machines can reach the app) needs --auth USER:PASSWORD unless --insecure says otherwise.
+    Raises OvsegError with one line saying what to add."""
+    auth = None
+    if args.auth is not None:
+        user, sep, password = args.auth.partition(":")
+        if not (sep and user.strip() and password):
+            raise OvsegError("--auth reads USER:PASSWORD, e.g. --auth ada:correct-horse (both non-empty)")
+        auth = (user.strip(), password)
+    if auth is None and not args.insecure and not is_loopback(args.host):
+        raise OvsegError(f"--host {args.host} serves other machines: add --auth USER:PASSWORD (or --insecure to "
+                         "serve it without a password)")
+    return {"server_name": args.host, "auth": auth}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        serving = launch_options(args)
+    except OvsegError as exc:
+        print(f"ovseg-app: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     offline_env()
@@ -72,11 +112,13 @@ def main(argv=None) -> int:
         raise SystemExit(f"ovseg-app: {exc}") from None
     demo = build_app(device=device)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, prevent_thread_lock=True, quiet=True,
+        demo.launch(**serving, server_port=args.port, prevent_thread_lock=True, quiet=True,
                     show_error=False, ssr_mode=False, css=CSS)
     except OSError as exc:
         raise SystemExit(f"ovseg-app: cannot serve on {args.host}:{args.port}: {exc}") from None
     log.info("models load on the first Segment click (device %s)", device)
+    if serving["auth"] is None and not is_loopback(args.host):
+        log.warning("serving %s without a password (--insecure): anyone who can reach it may use it", args.host)
     print(f"ovseg-app: open {demo.local_url}", flush=True)
     demo.block_thread()
     return 0

@@ -24,10 +24,13 @@ CSS = """
 #status th, #status td { padding: 3px 10px; }
 """
 
-DEFAULT_METHOD = "cam"
+DEFAULT_METHOD = "fused"
 NO_IMAGE = "Upload an image or pick an example first"
 READY = "Pick an image, type words, press **Segment**."
 UNEXPECTED = "something went wrong on the server (its log has the details); try another image or other words"
+# Words (negatives included) one Segment request may hold: each word is its own pass of the method, and a
+# request holds the engine while it runs, so one long list would make every other session wait.
+MAX_WORDS = 20
 
 
 def offline_env() -> None:

@@ -82,6 +82,25 @@ def test_heatmap_is_uint8_and_small():
     assert small.shape == (10, 20) and (small == 128).all()
 
 
+@pytest.mark.parametrize("address, name, url", [
+    ("127.0.0.1", "mine", "http://127.0.0.1:5151/datasets/mine"),
+    ("127.0.0.1", "my data", "http://127.0.0.1:5151/datasets/my%20data"),  # one path segment, quoted
+    ("127.0.0.1", "a&b?c#d%e", "http://127.0.0.1:5151/datasets/a%26b%3Fc%23d%25e"),
+    ("127.0.0.1", "собака", "http://127.0.0.1:5151/datasets/%D1%81%D0%BE%D0%B1%D0%B0%D0%BA%D0%B0"),
+    ("127.0.0.1", "runs/2024 v2", "http://127.0.0.1:5151/"),  # no page can hold a '/': the App's root opens it
+    ("::1", "mine", "http://[::1]:5151/datasets/mine"),
+])
+def test_review_prints_a_usable_app_url(address, name, url):
+    from urllib.parse import unquote, urlsplit
+
+    from ovseg.app.curate.review import app_url
+
+    assert app_url(address, 5151, name) == url
+    path = urlsplit(url).path
+    if path != "/":  # the App reads the name back from its one path segment
+        assert path.count("/") == 2 and " " not in url and unquote(path.split("/")[2]) == name
+
+
 def test_checkpoint_versions(tmp_path, monkeypatch):
     from ovseg.core import checkpoints as ck
 
@@ -180,7 +199,10 @@ def test_label_errors_are_clear(tmp_path):
     with pytest.raises(OvsegError, match="nothing to label"):
         label(tmp_path, "x", progress=False)
     r = _ovseg("label", str(tmp_path), "--dataset", "x", "--words", "cat", "--captions")
-    assert r.returncode == 2 and "needs a COCO folder" in r.stderr or "no images" in r.stderr
+    assert r.returncode == 2 and "no images" in r.stderr, r.stderr
+    (tmp_path / "cat.jpg").write_bytes((EXAMPLES / "cat.jpg").read_bytes())  # a plain folder with an image
+    r = _ovseg("label", str(tmp_path), "--dataset", "x", "--words", "cat", "--captions")
+    assert r.returncode == 2 and "--captions needs a COCO folder" in r.stderr, r.stderr
     r = _ovseg("export", "no-such-dataset", "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "no FiftyOne dataset 'no-such-dataset'" in r.stderr
 
@@ -196,17 +218,21 @@ def test_killed_label_run_resumes_to_the_same_dataset(fo):
     assert r.returncode == 0, r.stderr
     proc = subprocess.Popen([sys.executable, "-m", "ovseg.app.cli", "label", *args, "--dataset", "resume-cut"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ))
-    deadline = time.monotonic() + 300
-    n = 0
-    while time.monotonic() < deadline and proc.poll() is None:
-        if fo.dataset_exists("resume-cut"):
-            n = fo.load_dataset("resume-cut").count()
-            if n >= 6:
-                break
-        time.sleep(0.1)
-    assert proc.poll() is None, "the run ended before it could be interrupted"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 300
+        n = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            if fo.dataset_exists("resume-cut"):
+                n = fo.load_dataset("resume-cut").count()
+                if n >= 6:
+                    break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before it could be interrupted"
+        proc.send_signal(signal.SIGKILL)
+    finally:  # whatever happened above, the run does not outlive the test
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=60)
     cut = fo.load_dataset("resume-cut")
     assert 6 <= len(cut) < 30
     r = _ovseg("label", *args, "--dataset", "resume-cut")
@@ -326,11 +352,14 @@ def test_retrain_writes_a_new_version_that_the_engine_uses(coco_dataset, predict
     from ovseg.app.curate.retrain import RetrainConfig, retrain
 
     _, review = coco_dataset
-    assert ck.current_version("xpm") == "packaged"
+    # other tests (the curation loop) may have retrained before: the version is the next one, whatever ran first
+    ck.use("xpm", "packaged")
+    ck.use("cls_saliency", "packaged")
+    expected = ck.next_version("xpm")
     out = retrain(RetrainConfig(dataset="coco-test", epochs=2, evaluate=False, curated_only=True, segmenter=False),
                   progress=False)
     assert "segmenter" not in out and ck.current_version("cls_saliency") == "packaged"
-    assert out["version"] == "v1" and ck.current_version("xpm") == "v1"
+    assert out["version"] == expected and ck.current_version("xpm") == expected
     folder = Path(out["folder"])
     assert {p.name for p in folder.iterdir()} >= {"student.pt", "teacher.pt", "student_plain.pt", "config.json",
                                                    "retrain.json"}
@@ -342,7 +371,7 @@ def test_retrain_writes_a_new_version_that_the_engine_uses(coco_dataset, predict
     changed = [k for k, v in m.net.state_dict().items() if not np.array_equal(v.numpy(), shipped[k].numpy())]
     assert any(k.startswith("embedding.") for k in changed) and any(k.startswith("mask.") for k in changed)
     r = _ovseg("checkpoints", "xpm")
-    assert r.returncode == 0 and "* v1" in r.stdout and "  packaged" in r.stdout
+    assert r.returncode == 0 and f"* {expected}" in r.stdout and "  packaged" in r.stdout
     r = _ovseg("checkpoints", "xpm", "--use", "packaged")
     assert r.returncode == 0 and ck.current_version("xpm") == "packaged"
     assert XPM(predictor.models).folder == packaged("xpm")
@@ -384,11 +413,14 @@ def test_retrain_fine_tunes_the_class_agnostic_segmenter_too(coco_dataset, predi
     from ovseg.train.coco import CocoConceptDataset, base_training_pairs
 
     ds, _ = coco_dataset
+    ck.use("xpm", "packaged")  # whatever other tests left in use: retrain from the packaged checkpoints
+    ck.use("cls_saliency", "packaged")
     xpm_before = ck.versions("xpm")
+    expected = ck.next_version("cls_saliency")
     out = retrain(RetrainConfig(dataset="coco-test", epochs=1, evaluate=False, curated_only=True), progress=False)
     seg = out["segmenter"]
     assert out["version"] not in xpm_before and ck.current_version("xpm") == out["version"]
-    assert seg["version"] == "v1" and ck.current_version("cls_saliency") == "v1"
+    assert seg["version"] == expected and ck.current_version("cls_saliency") == expected
     assert seg["variant"] == "sem2c_neg" and seg["saliency"] == "guided_backprop" and seg["from"] == "packaged"
     folder = Path(seg["folder"])
     assert {p.name for p in folder.iterdir()} == {"weights.pt", "config.json", "retrain.json"}
@@ -412,7 +444,7 @@ def test_retrain_fine_tunes_the_class_agnostic_segmenter_too(coco_dataset, predi
     assert all(torch.equal(v, sem1c[k]) for k, v in other.items())  # another variant is not the retrained one
 
     r = _ovseg("checkpoints", "cls_saliency")
-    assert r.returncode == 0 and "* v1" in r.stdout, r.stdout + r.stderr
+    assert r.returncode == 0 and f"* {expected}" in r.stdout, r.stdout + r.stderr
     ck.use("cls_saliency", "packaged")
     ck.use("xpm", "packaged")
     back = ClsSaliency(predictor.models).segmenter.state_dict_small()

@@ -111,7 +111,11 @@ def test_review_command_serves_the_app_and_stops_it_on_sigterm(app):
             assert r.status == 200
     finally:
         proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0]
+        try:
+            out = proc.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:  # SIGTERM ignored: kill it, so that no App server is orphaned
+            proc.kill()
+            out = proc.communicate(timeout=30)[0]
     assert f"{url}/datasets/app-test" in out and "least-reliable" in out
     deadline = time.monotonic() + 30
     while serving(url) and time.monotonic() < deadline:

@@ -26,10 +26,6 @@ def _check_ramp_zones(zones: np.ndarray) -> None:
     assert _columns(row, cv2.GC_FGD) == list(range(70, 100))
 
 
-def test_opencv_codes():
-    assert (cv2.GC_BGD, cv2.GC_FGD, cv2.GC_PR_BGD, cv2.GC_PR_FGD) == (0, 1, 2, 3)
-
-
 def test_zones_on_a_ramp():
     ramp = np.tile(np.linspace(0.0, 1.0, 100), (10, 1))
     _check_ramp_zones(grabcut_zones(ramp, GrabCutConfig()))

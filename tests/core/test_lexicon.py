@@ -170,12 +170,18 @@ def test_ensure_wordnet_data_from_four_processes_at_once(tmp_path, round_):
     queue = ctx.Queue()
     start_at = time.time() + (0.5 if ctx.get_start_method() == "fork" else 5.0)
     procs = [ctx.Process(target=_race, args=(root, start_at, queue)) for _ in range(4)]
-    for p in procs:
-        p.start()
-    results = [queue.get(timeout=60) for _ in procs]
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    try:
+        for p in procs:
+            p.start()
+        results = [queue.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=30)
+            assert p.exitcode == 0
+    finally:  # a process that hangs (or a queue that times out) is not left behind
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=10)
     assert results == [("ok", str(root))] * 4, results
     _wordnet_files_ok(root)
     assert os.listdir(root / "corpora") == ["wordnet"]

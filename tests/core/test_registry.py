@@ -116,9 +116,14 @@ def test_register_invalid_names_raise(name):
         register_method(name)
 
 
-@pytest.mark.parametrize("name", ["cam2", "cls_saliency", "a_b_c"])
-def test_register_valid_names_are_accepted(name):
-    register_method(name)  # only builds the decorator; nothing is registered
+@pytest.mark.parametrize("name", ["cam2", "zz_saliency", "a_b_c"])
+def test_register_valid_names_are_accepted(private_registry, name):
+    @register_method(name)
+    class Valid(Method):
+        pass
+
+    assert Valid.name == name and get_method(name) is Valid and name in available_methods()
+    assert parse_methods(f"cam, {name}") == ["cam", name]
 
 
 @pytest.mark.parametrize("name", ["1cam", "café"])

@@ -96,9 +96,13 @@ def test_real_classifier_saliency_is_in_range_and_on_the_cat(predictor, examples
     maps = guided_backprop(guided_net(predictor.models), state.input, top)
     assert maps.shape == (3, *state.input.shape[-2:])
     assert float(maps.min()) >= 0.0 and float(maps.amax(dim=(1, 2)).min()) == pytest.approx(1.0)
-    # the cat fills the middle of the photo: most saliency mass lies away from the 10% borders
+    # the cat's face fills the middle of the photo: per pixel, each map is denser inside the 10% borders than
+    # on them. A flat (or uniformly noisy) map has a ratio of 1; measured: 2.13, 2.21, 2.17
     h, w = maps.shape[-2:]
-    inner = maps[:, h // 10 : -h // 10, w // 10 : -w // 10].sum() / maps.sum()
-    assert inner > 0.7
+    inner = torch.zeros((h, w), dtype=torch.bool)
+    inner[h // 10 : -h // 10, w // 10 : -w // 10] = True
+    for m in maps:
+        density_ratio = float(m[inner].mean() / m[~inner].mean())
+        assert density_ratio > 1.8, density_ratio
     # the classifier itself is not changed by making the guided copy
     assert all(not isinstance(m, GuidedReLU6) for m in predictor.models.backbone.net.modules())

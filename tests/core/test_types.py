@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ovseg.core.types import PRIOR_KINDS, ConceptResult, Prediction, Prior, PseudoLabel, box_from_mask
+from ovseg.core.types import ConceptResult, Prediction, Prior, PseudoLabel, box_from_mask
 
 
 def _map(h=4, w=5, value=0.5):
@@ -35,9 +35,11 @@ def test_prior_default_score_is_nan():
     assert math.isnan(p.score)
 
 
-@pytest.mark.parametrize("kind", PRIOR_KINDS)
-def test_prior_accepts_every_known_kind(kind):
-    assert Prior(_map(), "m", "dog", kind).kind == kind
+@pytest.mark.parametrize("kind", ["Attention", " attention", "attention ", "attention_refined2", "saliency", ""])
+def test_prior_kind_must_be_a_known_name_exactly(kind):
+    """No case folding or trimming: a misspelt kind would pass validation and then match no renderer rule."""
+    with pytest.raises(ValueError, match="kind must be one of"):
+        Prior(_map(), "m", "dog", kind)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float16, np.uint8, np.int32, np.bool_])

@@ -160,7 +160,7 @@ def test_proposal_targets_mark_the_centre_of_a_box_on_its_level():
 # ------------------------------------------------------------------------------------------- alignment
 
 def test_alignment_picks_each_nouns_best_scoring_proposal(monkeypatch):
-    from ovseg.train import xpm as train_xpm
+    import ovseg.train.methods.xpm as train_xpm
 
     net = XPMNet(XPMConfig(channels=16, word_dim=2, emb_hidden=8, mask_convs=1)).eval()
     boxes = torch.tensor([[0, 0, 16, 16], [16, 0, 32, 16], [0, 16, 32, 32]], dtype=torch.float32)
@@ -190,8 +190,10 @@ def test_save_and_load_round_trip_in_half_precision(tmp_path):
     net.save(tmp_path / "student.pt", {"eta": 0.1})
     back, extra = XPMNet.load(tmp_path / "student.pt")
     assert extra == {"eta": 0.1} and back.noise is not None
-    for (k, a), (_, b) in zip(net.state_dict().items(), back.state_dict().items()):
-        assert torch.allclose(a.half().float(), b), k
+    saved, loaded = net.state_dict(), back.state_dict()
+    assert list(loaded) == list(saved)  # every tensor, none missing or extra, in order (zip alone stops short)
+    for k, a in saved.items():
+        assert loaded[k].shape == a.shape and torch.allclose(a.half().float(), loaded[k]), k
 
 
 # ------------------------------------------------------------------------------------------- training

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ovseg.train.coco import TARGET_CLASSES, CocoConceptDataset, base_training_pairs, training_mask
+from ovseg.train.coco import BASE_CLASSES, TARGET_CLASSES, CocoConceptDataset, base_training_pairs, training_mask
 from helpers import COCO_DEV
 
 pytestmark = [pytest.mark.slow,
@@ -33,7 +33,13 @@ def test_training_mask_refuses_target_classes_and_marks_crowds(dataset):
 
 def test_pairs_hold_base_classes_only(dataset):
     pairs = base_training_pairs(dataset, dataset.image_ids)
-    assert len(pairs) == 1059 and not {n for _, n in pairs} & set(TARGET_CLASSES)
+    # expected from instances.json itself: each (image, base class) with a non-crowd instance there, once
+    data = json.loads((COCO_DEV / "instances.json").read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    expected = {(a["image_id"], names[a["category_id"]]) for a in data["annotations"]
+                if not a.get("iscrowd", 0) and names[a["category_id"]] in BASE_CLASSES}
+    assert len(pairs) == len(set(pairs)) and set(pairs) == expected
+    assert not {n for _, n in pairs} & set(TARGET_CLASSES)
 
 
 def test_a_short_training_run_reads_no_target_mask_and_writes_a_loadable_checkpoint(tmp_path, monkeypatch,
