@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
 log = logging.getLogger("ovseg")
@@ -23,17 +25,18 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("segment", help="segment words in one image; write overlays, masks and a JSON summary")
     s.add_argument("image", help="an image file (JPEG, PNG, ...)")
-    s.add_argument("words", help="comma-separated words, e.g. 'dog, frisbee, -person' ('-' marks a negative)")
+    s.add_argument("words", help="comma-separated words, e.g. 'dog, frisbee, -person' ('-' marks a negative; "
+                                 "a list may start with one: '-person,dog')")
     s.add_argument("--out", required=True, help="output folder (created if missing)")
-    s.add_argument("--methods", default="cam",
-                   help="comma-separated method specs (see `ovseg methods`), e.g. 'cam,cls_saliency[grabcut=off]'")
+    s.add_argument("--methods", default="fused",
+                   help="comma-separated method specs (default fused; see `ovseg methods`), e.g. 'fused,cam,xpm'")
     s.add_argument("--caption", default=None, help="an optional caption of the image")
     s.add_argument("--threshold", type=float, default=None, help="mask threshold in [0, 1] (method default)")
     s.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
 
     e = sub.add_parser("eval", help="score methods on a COCO folder (DESIGN.md's protocol)")
     e.add_argument("coco_dir", help="a folder with images/, instances.json and optionally captions.json")
-    e.add_argument("--methods", default="cam",
+    e.add_argument("--methods", default="fused",
                    help="comma-separated method specs: names, optionally with options, "
                         "e.g. 'cam,cls_saliency[variant=sem1c,grabcut=off]'")
     e.add_argument("--ablation", action="store_true",
@@ -58,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--dataset", required=True, help="the FiftyOne dataset to create or extend")
     lb.add_argument("--words", default=None, help="comma-separated words to look for in every image")
     lb.add_argument("--captions", action="store_true", help="also label each image's caption object nouns")
-    lb.add_argument("--methods", default=None, help="comma-separated method specs (default: xpm,cam)")
+    lb.add_argument("--methods", default=None, help="comma-separated method specs (default: fused)")
     lb.add_argument("--batch-size", type=int, default=None, help="images per database write (default 8)")
     lb.add_argument("--limit", type=int, default=None, help="only the first N images of SOURCE with something to label")
     lb.add_argument("--split", default="all", choices=("all", "train", "held-out"),
@@ -108,6 +111,14 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("-k", type=int, default=5, help="proxy labels per word and mapper (default 5)")
 
     sub.add_parser("methods", help="list the available methods")
+
+    bn = sub.add_parser("bench", help="time a method on one image for one word and for five (and CLIPSeg's forward)")
+    bn.add_argument("--image", default=None, help="an image (default: the bundled coffee photo)")
+    bn.add_argument("--size", default="640x480", help="resize the image to WxH first (default 640x480; 'none' keeps it)")
+    bn.add_argument("--methods", default="fused,cam", help="comma-separated method specs (default fused,cam)")
+    bn.add_argument("--runs", type=int, default=7, help="timed runs per setting, after one warm-up (default 7)")
+    bn.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    bn.add_argument("--no-reference", action="store_true", help="skip timing the CLIPSeg architecture")
     return p
 
 
@@ -122,18 +133,28 @@ def _threshold_options(methods: list[str], threshold: float | None) -> dict:
 
 
 def cmd_segment(args) -> int:
-    from ovseg.app.render import colour, mask_overlay, prior_overlay, pseudo_label_overlay, save_png, slug
+    from tqdm import tqdm
+
+    from ovseg.app.render import colour, file_stems, mask_overlay, prior_overlay, pseudo_label_overlay, save_png
     from ovseg.core.cache import atomic_write_json
     from ovseg.core.concepts import parse_concepts
     from ovseg.core.predictor import Predictor
     from ovseg.core.registry import parse_methods
 
     methods = parse_methods(args.methods)
-    parse_concepts(args.words)  # a bad word list fails before any model loads
+    positives, negatives = parse_concepts(args.words)  # a bad word list fails before any model loads
+    negatives = [n for n in negatives if n not in positives]  # as predict() does with the whole list
     predictor = Predictor(device=args.device, method_options=_threshold_options(methods, args.threshold))
     predictor.set_image(args.image)
-    print(f"models loaded in {predictor.models.load():.1f} s; set_image {predictor.last_set_image_ms:.0f} ms")
-    prediction = predictor.predict(args.words, caption=args.caption, methods=methods)
+    print(f"models loaded in {predictor.models.load():.1f} s; set_image {predictor.last_set_image_ms:.0f} ms",
+          flush=True)
+    # one (method spec, word) at a time, with a progress bar on stderr (words done, rate, time left)
+    tasks = [(spec, word) for spec in methods for word in positives]
+    results, prediction = [], None
+    for spec, word in tqdm(tasks, desc="segment", unit="word", file=sys.stderr, dynamic_ncols=True,
+                           disable=len(tasks) < 2):
+        prediction = predictor.predict([word], negatives=negatives, caption=args.caption, methods=[spec])
+        results += [(spec, word, r) for r in prediction.results]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     image = predictor.image
@@ -141,15 +162,19 @@ def cmd_segment(args) -> int:
     summary = {"image": str(Path(args.image).resolve()), "size": list(prediction.image_size),
                "words": args.words, "negatives": list(prediction.negatives), "caption": prediction.caption,
                "set_image_ms": round(predictor.last_set_image_ms, 2), "results": []}
+    # file names: distinct per word and per method spec, readable ('hot-dog' and 'hot dog' differ)
+    word_stems, spec_stems = file_stems(positives), file_stems(methods)
     print(f"{'word':<16} {'method':<14} {'score':>6} {'present':>7} {'area':>6} {'ms':>7}")
-    for i, r in enumerate(prediction.results):
-        stem = f"{slug(r.concept)}_{r.method}"
+    for i, (spec, word, r) in enumerate(results):
+        stem = f"{word_stems[word]}_{spec_stems[spec]}"
         files = {"mask": f"{stem}_mask.png", "mask_overlay": f"{stem}_mask_overlay.png"}
         save_png(out / files["mask"], r.mask)
         save_png(out / files["mask_overlay"], mask_overlay(image, r.mask, tuple(colour(i))))
-        for prior in r.priors:
-            files[prior.kind] = f"{stem}_{prior.kind}.png"
-            save_png(out / files[prior.kind], prior_overlay(image, prior.map, prior.kind)[0])
+        kinds = [p.kind for p in r.priors]
+        for prior in r.priors:  # a kind a result shows twice (fused's evidence maps) is told apart by its label
+            key = prior.kind if kinds.count(prior.kind) == 1 else re.sub(r"[^A-Za-z0-9]+", "_", prior.label).strip("_")
+            files[key] = f"{stem}_{key}.png"
+            save_png(out / files[key], prior_overlay(image, prior.map, prior.kind)[0])
         instances = []
         for k, pl in enumerate(r.pseudo_labels, 1):  # XPM's instance pseudo-masks, each with its noise map
             name = f"{stem}_pseudo{k}.png"
@@ -158,14 +183,14 @@ def cmd_segment(args) -> int:
                               "reliability": None if pl.reliability is None else round(pl.reliability, 5),
                               "area": round(float(pl.mask.mean()), 5), "file": name})
         area = float(r.mask.mean())
-        summary["results"].append({"word": r.concept, "method": r.method, "score": round(r.score, 5),
-                                   "present": bool(r.present), "mask_area": round(area, 5),
+        summary["results"].append({"word": r.concept, "method": r.method, "spec": spec,
+                                   "score": round(r.score, 5), "present": bool(r.present), "mask_area": round(area, 5),
                                    "ms": round(r.ms, 2), "files": files, "details": r.details,
                                    "pseudo_labels": instances})
-        print(f"{r.concept:<16} {r.method:<14} {r.score:>6.3f} {('yes' if r.present else 'no'):>7} "
+        print(f"{r.concept:<16} {spec:<14} {r.score:>6.3f} {('yes' if r.present else 'no'):>7} "
               f"{area:>6.1%} {r.ms:>7.1f}")
     atomic_write_json(out / "summary.json", summary, default=str)
-    print(f"wrote {len(prediction.results)} result(s) to {out}/ (summary.json, *_mask.png, *_attention.png)")
+    print(f"wrote {len(results)} result(s) to {out}/ (summary.json, *_mask.png, *_attention.png)")
     return 0
 
 
@@ -303,6 +328,31 @@ def cmd_checkpoints(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    import cv2
+
+    from ovseg.app.bench import bench, format_bench
+    from ovseg.core.image_io import load_image
+    from ovseg.core.registry import parse_methods
+
+    methods = parse_methods(args.methods)
+    if args.runs < 1:
+        raise ValueError(f"--runs must be at least 1, got {args.runs}")
+    if args.image is None:
+        from importlib import resources
+
+        args.image = str(resources.files("ovseg.assets").joinpath("examples", "coffee.jpg"))
+    image = load_image(args.image)
+    if args.size.lower() != "none":
+        try:
+            w, h = (int(v) for v in args.size.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--size reads WxH (e.g. 640x480) or none, got {args.size!r}") from None
+        image = cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)
+    print(format_bench(bench(image, methods, runs=args.runs, device=args.device, reference=not args.no_reference)))
+    return 0
+
+
 def cmd_methods(args) -> int:
     from ovseg.core.registry import available_methods, get_method
 
@@ -312,8 +362,43 @@ def cmd_methods(args) -> int:
     return 0
 
 
+def _words_not_options(argv: list[str]) -> list[str]:
+    """argparse takes any argument that starts with '-' for an option, so a word list that starts with a
+    negative ("-dog,cat") would be answered with the usage text. No option of ovseg holds a comma: such an
+    argument gets a leading space, which argparse reads as a value (the word parser strips it)."""
+    return [" " + a if a.startswith("-") and not a.startswith("--") and "," in a else a for a in argv]
+
+
+def check_output_folder(path, option: str = "--out") -> Path:
+    """Refuse, before any work starts, an output folder that cannot be written: an existing file, a path
+    below a file, a folder (or the nearest existing folder above it) this user cannot create files in.
+    Nothing is created. Raises OvsegError with one line naming the option and the path."""
+    from ovseg.core.errors import OvsegError
+
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise OvsegError(f"{option} {out} is a file, not a folder: name a folder (it is created if missing)")
+    nearest = out
+    while not nearest.exists() and nearest.parent != nearest:
+        nearest = nearest.parent
+    if not nearest.is_dir():
+        raise OvsegError(f"{option} {out} cannot be created: {nearest} is a file, not a folder")
+    try:  # os.access is not enough: root passes it on read-only file systems
+        fd, probe = tempfile.mkstemp(prefix=".ovseg-write-test-", dir=nearest)
+    except OSError as exc:
+        raise OvsegError(f"{option} {out} is not writable: cannot create files in {nearest} "
+                         f"({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return out
+
+
+# The options naming a folder a command writes (its results, or FiftyOne's database), checked before it runs.
+OUTPUT_OPTIONS = (("out", "--out"), ("db_dir", "--db-dir"))
+
+
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_words_not_options(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -322,8 +407,11 @@ def main(argv=None) -> int:
 
     command = {"segment": cmd_segment, "eval": cmd_eval, "train": cmd_train, "proxies": cmd_proxies,
                "methods": cmd_methods, "label": cmd_label, "review": cmd_review, "export": cmd_export,
-               "retrain": cmd_retrain, "checkpoints": cmd_checkpoints}[args.command]
+               "retrain": cmd_retrain, "checkpoints": cmd_checkpoints, "bench": cmd_bench}[args.command]
     try:
+        for attr, option in OUTPUT_OPTIONS:
+            if getattr(args, attr, None):
+                check_output_folder(getattr(args, attr), option)
         return command(args)
     except (OvsegError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
         if args.debug:

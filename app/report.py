@@ -224,6 +224,22 @@ def _class_groups(methods: Mapping[str, Mapping], key: str) -> list[tuple[str, l
     return [(title, names) for title, names in groups if names]
 
 
+def _calibration_section(methods: Mapping[str, Mapping]) -> list[str]:
+    """A reliability diagram per method, as a table: base classes on the held-out images, by presence score."""
+    rows = []
+    for m, r in methods.items():
+        cal = r.get("presence_calibration_held_out_base") or {}
+        for b in cal.get("bins", []):
+            rows.append([m, f"{b['bin'][0]:.1f}-{b['bin'][1]:.1f}", str(b["pairs"]), _fmt(b["mean_score"]),
+                         _fmt(b["share_present"]), _fmt(cal.get("brier"))])
+    if not rows:
+        return []
+    lines = ["", "## Presence calibration (base classes, held-out images)", "",
+             "A presence score that is a probability has its share present near its mean score in every bin.", ""]
+    return lines + _markdown_table(["method", "score bin", "pairs", "mean score", "share present", "Brier"], rows,
+                                   align_left=2)
+
+
 def _attention_section(methods: Mapping[str, Mapping]) -> list[str]:
     """Concept Mask's Table 1 measures for every method with attention priors, and every method's mask
     precision / recall (the binary mask, per pair, over every pixel but the class's crowd regions)."""
@@ -266,6 +282,12 @@ def _report_markdown(metrics: Mapping, files: Mapping[str, str]) -> str:
               "caption pseudo-labels of the others).",
             "",
         ]
+        skipped = dataset.get("skipped_images") or []
+        if skipped:  # images that could not be read: left out of every figure, each named
+            lines += [f"**{len(skipped)} image{'s' if len(skipped) > 1 else ''} skipped** (could not be read; left "
+                      "out of every figure):", ""]
+            lines += [f"- `{s.get('file', '?')}` (id {s.get('id', '?')}): {s.get('why', '?')}" for s in skipped]
+            lines += [""]
     lines += _markdown_table(header, rows)
     lines += [""] + [f"{text}  " for text in _reference_lines(metrics)]
     env = metrics.get("environment") or {}
@@ -276,6 +298,7 @@ def _report_markdown(metrics: Mapping, files: Mapping[str, str]) -> str:
         ]
 
     lines += _attention_section(methods)
+    lines += _calibration_section(methods)
     lines += ["", "## Protocol", ""]
     protocol = metrics.get("protocol") or _DEFAULT_PROTOCOL
     lines += [f"{i}. {text}" for i, text in enumerate(protocol, 1)]

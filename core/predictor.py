@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovseg.core.models.backbone import input_size, preprocess
 from ovseg.core.concepts import parse_concepts, parse_words
 from ovseg.core.errors import OvsegError
 from ovseg.core.image_io import load_image
@@ -23,6 +22,7 @@ from ovseg.core.types import Prediction
 log = logging.getLogger(__name__)
 
 DEFAULT_LONG_SIDE = 448
+DEFAULT_METHODS = ("fused",)  # what predict() runs when no method is named
 # Method instances kept at once: each spec ("cam[threshold=0.4]") is an instance, and a trained one holds
 # its networks; the least recently used beyond this many is dropped (and rebuilt if asked for again).
 MAX_METHOD_INSTANCES = 8
@@ -33,7 +33,7 @@ class Predictor:
 
     >>> p = Predictor()                       # CPU; Predictor(device="auto") takes a GPU when there is one
     >>> p.set_image("photo.jpg")              # path, PIL image or HWC array
-    >>> out = p.predict("dog, frisbee, -person", methods=["cam"])
+    >>> out = p.predict("dog, frisbee, -person")  # the default method, fused; or methods=["cam", ...]
     >>> out.get("dog").mask                   # HxW bool at image size
 
     Args:
@@ -42,6 +42,7 @@ class Predictor:
         max_pixels: refuse larger images (see `ovseg.core.image_io`).
         text_encoder_path: a local Hugging Face folder to use instead of the packaged MiniLM.
         method_options: {method name: {option: value}} passed to the method's constructor.
+        methods: the method specs `predict` runs when it names none (default: `fused`).
 
     A Predictor holds the current image: threads that share one must serialise set_image + predict.
     """
@@ -54,6 +55,7 @@ class Predictor:
         text_encoder_path: str | Path | None = None,
         method_options: dict[str, dict] | None = None,
         models: Models | None = None,
+        methods=DEFAULT_METHODS,
     ):
         if long_side < 64:
             raise ValueError(f"long_side must be at least 64 pixels, got {long_side}")
@@ -61,6 +63,7 @@ class Predictor:
         self.long_side = long_side
         self.max_pixels = max_pixels
         self.method_options = dict(method_options or {})
+        self.methods = parse_methods(methods)  # the default of predict() and presence()
         self._methods: OrderedDict[str, Method] = OrderedDict()  # spec -> instance, least recently used first
         self._state: ImageState | None = None
         self.last_set_image_ms = float("nan")
@@ -102,10 +105,7 @@ class Predictor:
         t0 = time.perf_counter()
         self._state = None  # never leave the previous image's features behind a failed call
         rgb = load_image(image, self.max_pixels, name)
-        x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], self.long_side), self.device)
-        with torch.no_grad():
-            feats = self.models.backbone(x)
-        self._state = ImageState(image=rgb, input=x, features=feats)
+        self._state = ImageState.compute(self.models, rgb, self.long_side)
         self.last_set_image_ms = (time.perf_counter() - t0) * 1000.0
 
     @property
@@ -117,11 +117,11 @@ class Predictor:
             raise OvsegError("no image set: call set_image(image) before predict()")
         return self._state
 
-    def presence(self, concepts, method: str = "cam", caption: str | None = None) -> dict[str, float]:
+    def presence(self, concepts, method: str | None = None, caption: str | None = None) -> dict[str, float]:
         """{word: presence score in [0, 1]} of one method on the current image, without computing masks."""
         state = self._require_state()
         positives, _ = parse_concepts(concepts)
-        m = self.method(method)
+        m = self.method(method or self.methods[0])
         return {w: m.presence(state, w, caption) for w in positives}
 
     def predict(
@@ -129,7 +129,7 @@ class Predictor:
         concepts,
         negatives=(),
         caption: str | None = None,
-        methods=("cam",),
+        methods=None,
     ) -> Prediction:
         """Run each method on each concept of the current image.
 
@@ -137,7 +137,8 @@ class Predictor:
             concepts: "dog, frisbee, -person" or a list of words; words with a leading '-' are negatives.
             negatives: more negative words (regions to exclude): "dog, cat" or a list.
             caption: an optional caption of the image (used by the caption methods, ignored by others).
-            methods: method specs, or "cam,cls_saliency[grabcut=off]" (see `method`).
+            methods: method specs, or "cam,cls_saliency[grabcut=off]" (see `method`); default: the
+                Predictor's `methods` (`fused` unless it was built with others).
         """
         state = self._require_state()
         positives, inline_negatives = parse_concepts(concepts)
@@ -146,7 +147,7 @@ class Predictor:
             raise OvsegError(f"caption must be a string, got {type(caption).__name__}")
         caption = caption.strip() or None if caption else None
         results = []
-        for name in parse_methods(methods):
+        for name in parse_methods(methods) if methods else self.methods:
             method = self.method(name)
             for concept in positives:
                 results.append(method.predict(state, concept, negs, caption))

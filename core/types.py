@@ -47,7 +47,8 @@ class Prior:
     """A per-pixel prior for one concept, at image size.
 
     map: HxW float32 in [0, 1]. kind: one of PRIOR_KINDS. score: the method's confidence for this prior in
-    [0, 1] (NaN where the method has none).
+    [0, 1] (NaN where the method has none). label: what the map is, for people (default: the kind), e.g.
+    "CAM on object proposals" for one of `fused`'s evidence maps.
     """
 
     map: np.ndarray
@@ -55,6 +56,7 @@ class Prior:
     concept: str
     kind: str
     score: float = float("nan")
+    label: str = ""
 
     def __post_init__(self):
         _check_map("Prior.map", self.map, "float")
@@ -65,6 +67,8 @@ class Prior:
         if not self.concept:
             raise ValueError("Prior.concept must be a non-empty word")
         object.__setattr__(self, "score", _check_unit("Prior.score", self.score, allow_nan=True))
+        if not self.label:
+            object.__setattr__(self, "label", self.kind.replace("_", " "))
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -111,6 +111,27 @@ def _acceptance(per_pair: dict[str, list[float]]) -> dict[str, float]:
     return out
 
 
+def _calibration(scores: _Scores, bins: int = 5) -> dict:
+    """How well the presence scores of base classes on held-out images read as probabilities: per score bin,
+    the pairs in it, their mean score and the share present (a reliability diagram), and the Brier score."""
+    p, y = [], []
+    for c in BASE_CLASSES:
+        keep = np.asarray(scores.held_out[c], dtype=bool)
+        p += np.asarray(scores.scores[c], dtype=float)[keep].tolist()
+        y += np.asarray(scores.labels[c], dtype=float)[keep].tolist()
+    if not p:
+        return {}
+    p, y = np.clip(np.array(p), 0.0, 1.0), np.array(y)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    rows = []
+    for k, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        sel = (p >= lo) & ((p < hi) if k < bins - 1 else (p <= hi))
+        if sel.any():
+            rows.append({"bin": [round(float(lo), 2), round(float(hi), 2)], "pairs": int(sel.sum()),
+                         "mean_score": round(float(p[sel].mean()), 4), "share_present": round(float(y[sel].mean()), 4)})
+    return {"brier": round(float(np.mean((p - y) ** 2)), 4), "pairs": int(len(p)), "bins": rows}
+
+
 def _presence(scores: _Scores, held_out_only: bool = False) -> tuple[dict, dict, dict]:
     """Presence AP per class and its target/base means; `held_out_only`: over the images training held out."""
     per_class_ap, curves = {}, {}
@@ -175,7 +196,12 @@ def evaluate(
     base classes only on the held-out images of the training split (target classes on every image, as no
     trained part has seen them); the default segments every pair and reports the held-out base figure
     beside the full one. held_out_only: only the held-out images (every figure is then a held-out one)."""
+    import sys
+
+    from PIL import Image as PILImage
     from tqdm import tqdm
+
+    from ovseg.core.errors import OvsegError
 
     dataset = CocoConceptDataset(root)
     ids = dataset.image_ids
@@ -191,13 +217,25 @@ def evaluate(
     pairs = {"target": 0, "base": 0}
     held_out = held_out_image_ids(dataset.image_ids)
     bar = tqdm(ids, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
+    skipped: list[dict] = []  # images that could not be read or decoded: {"id", "file", "why"}, in order
     for image_id in bar:
-        targets = dataset.concept_targets(image_id)
+        # an image that cannot be read (missing, corrupt, not matching its annotations) is skipped and named
+        try:
+            targets = dataset.concept_targets(image_id)
+            rgb = dataset.load_rgb(image_id)  # the masks' pixel grid: no EXIF rotation
+            if rgb.shape[:2] != targets.shape:
+                raise ValueError(f"its pixels are {rgb.shape[:2]}, its annotations {targets.shape}")
+            predictor.set_image(rgb)
+        except (OSError, ValueError, OvsegError, PILImage.DecompressionBombError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+            skipped.append({"id": int(image_id), "file": str(dataset.image_path(image_id)), "why": why})
+            message = f"eval: skipped image {image_id} ({skipped[-1]['file']}): {why}"
+            if progress:
+                bar.write(message, file=sys.stderr)
+            else:
+                log.warning(message)
+            continue
         is_held_out = image_id in held_out
-        rgb = dataset.load_rgb(image_id)  # the masks' pixel grid: no EXIF rotation
-        if rgb.shape[:2] != targets.shape:
-            raise RuntimeError(f"image {image_id}: pixels are {rgb.shape[:2]}, annotations {targets.shape}")
-        predictor.set_image(rgb)
         set_image_ms.append(predictor.last_set_image_ms)
         present = [c for c in words if c in targets.gt
                    and (c in TARGET_CLASSES or is_held_out or not base_on_held_out)]
@@ -220,6 +258,12 @@ def evaluate(
         for c in present:  # the trivial reference: every pixel is the class (what the ignore rule forgives)
             whole.add_mask(c, np.ones(targets.shape, dtype=bool), targets, is_held_out)
     bar.close()
+    if len(skipped) == len(ids):  # nothing scored: no figure to report
+        why = (f"every one of its {len(ids)} image(s) failed to load (first: {skipped[0]['file']}: "
+               f"{skipped[0]['why']})" if skipped else "it lists no image")
+        raise OvsegError(f"no image could be scored in {root}: {why}")
+    listed, skipped_ids = len(ids), {s["id"] for s in skipped}
+    ids = [i for i in ids if i not in skipped_ids]  # every figure below is over the images scored
 
     out_methods, pr_curves = {}, {}
     for m, s in acc.items():
@@ -236,6 +280,8 @@ def evaluate(
             # A trained method has seen the training images' tags (Concept Mask: base labels and caption nouns),
             # so its presence on them is partly memory: the held-out images tell.
             "presence_ap_held_out": _presence(s, held_out_only=True)[0],
+            # is the presence score a probability? base classes of the held-out images
+            "presence_calibration_held_out_base": _calibration(s),
             "ms_per_image": statistics.median(set_image_ms),
             "ms_per_concept": statistics.median(s.ms_concept) if s.ms_concept else float("nan"),
             "images_per_second": len(ids) / s.seconds if s.seconds else float("nan"),
@@ -251,7 +297,8 @@ def evaluate(
     metrics = {
         "dataset": {"root": str(Path(root).resolve()), "images": len(ids), "pairs_target": pairs["target"],
                     "pairs_base": pairs["base"], "held_out_images": len(held_out.intersection(ids)),
-                    "base_on_held_out_only": base_on_held_out},
+                    "base_on_held_out_only": base_on_held_out, "images_listed": listed,
+                    "skipped_images": skipped},
         "methods": out_methods,
         "reference": {
             "whole_image_mask": {"concept_miou": {**_split_mean(whole.iou),

@@ -22,7 +22,7 @@ from ovseg.core.errors import OvsegError
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-DEFAULT_METHODS = "xpm,cam"
+DEFAULT_METHODS = "fused"
 DEFAULT_BATCH = 8
 
 
@@ -191,6 +191,7 @@ def _label_image(fo, predictor, im: SourceImage, ws, specs, sample_fields, sampl
         s = fo.Sample(filepath=str(im.path), image_key=im.key, word=word, word_source=origin,
                       captions=list(im.captions), ovseg_key=sample_key(im.key, word), image_height=H,
                       image_width=W)
+        s["metadata"] = fo.ImageMetadata(width=W, height=H, num_channels=3, size_bytes=im.path.stat().st_size)
         if im.coco_id is not None:
             s["coco_id"] = im.coco_id
         for k, v in sample_fields(fo, results).items():
@@ -200,8 +201,8 @@ def _label_image(fo, predictor, im: SourceImage, ws, specs, sample_fields, sampl
 
 
 def saved_views(ds) -> dict:
-    """The review views: least reliable first, disagreements between methods, not yet reviewed, approved,
-    and one per typed word."""
+    """The review views: least reliable first, disagreements between methods, not yet reviewed (the likeliest
+    present first: what a reviewer's hour is best spent on), by presence, approved, and one per typed word."""
     from fiftyone import ViewField as F
 
     from ovseg.app.curate.schema import LABEL_FIELD
@@ -209,7 +210,9 @@ def saved_views(ds) -> dict:
     views = {
         "least-reliable": ds.exists("reliability").sort_by("reliability"),
         "disagreements": ds.exists("agreement").sort_by("agreement"),
-        "to-review": ds.match(F(f"{LABEL_FIELD}.detections").filter(F("tags").length() == 0).length() > 0),
+        "to-review": ds.match(F(f"{LABEL_FIELD}.detections").filter(F("tags").length() == 0).length() > 0)
+                       .sort_by("score", reverse=True),
+        "by-presence": ds.sort_by("score", reverse=True),
         "approved": ds.select_labels(tags="approved", fields=LABEL_FIELD),
     }
     for w in ds.info.get("ovseg", {}).get("words", []):

@@ -7,8 +7,8 @@ A sample is one (image, word) pair, so that every field has a fixed name whateve
   ("image_key|word", unique in the dataset);
 * `pseudo_masks`: `fo.Detections`, one `Detection` per pseudo-mask: label = the word, relative box, the
   instance mask cropped to the box, `confidence` = the method's score, `reliability` (XPM's eq. 7; None for
-  methods without one), `method` and `present` (the method's verdict on the word). XPM gives one per instance; the other methods one for their concept
-  mask;
+  methods without one), `method` and `present` (the method's verdict on the word). XPM and `fused` give one per
+  instance; the other methods one for their concept mask, when they judge the word present;
 * heatmaps, one `fo.Heatmap` field per prior kind and method (`attention_cam`, `s_pos_cls_saliency`,
   `s_neg_cls_saliency`, `probability_xpm`, `noise_xpm`, ...), uint8 in [0, 255], at most HEATMAP_SIDE
   pixels on the long side (the App stretches them over the image);
@@ -118,7 +118,7 @@ def sample_fields(fo, results: list[tuple[str, ConceptResult]]) -> dict:
                     dets.append(d)
                     if pl.reliability is not None:
                         reliabilities.append(pl.reliability)
-        else:
+        elif r.present:  # a word the method judges absent gets no label to review
             d = detection_from_mask(fo, r.mask, r.concept, r.score, spec, present=r.present)
             if d is not None:
                 dets.append(d)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
-from ovseg.app.webapp.common import SALIENCY_CHOICES, has_option
+from ovseg.app.webapp.common import SALIENCY_CHOICES, default_threshold, has_option
 from ovseg.core.errors import OvsegError
 
 log = logging.getLogger("ovseg.app.webapp")
@@ -17,7 +18,7 @@ def method_spec(method: str, threshold: float | None, grabcut: bool = True, sali
     from ovseg.core.registry import format_method_spec
 
     options = {}
-    if threshold is not None and has_option(method, "threshold"):
+    if threshold is not None and default_threshold(method) is not None:  # else the method sets its own
         options["threshold"] = round(float(threshold), 4)
     if has_option(method, "grabcut"):
         options["grabcut"] = bool(grabcut)
@@ -28,6 +29,16 @@ def method_spec(method: str, threshold: float | None, grabcut: bool = True, sali
     return format_method_spec(method, options)
 
 
+def image_key(path: str) -> tuple:
+    """What identifies an image file's content for the engine: its path, size and modification time (another
+    image saved under the same path is another image)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (path,)  # set_image says what is wrong with it
+    return (path, st.st_size, st.st_mtime_ns)
+
+
 class Engine:
     """One Predictor shared by every browser tab, created on first use; a lock serialises its use
     (gradio runs handlers in threads, and the predictor holds the current image)."""
@@ -35,7 +46,7 @@ class Engine:
     def __init__(self, predictor=None, device: str = "auto"):
         self.device = device
         self._predictor = predictor
-        self._image_path: str | None = None
+        self._image_key: tuple | None = None  # the file whose features the predictor holds (see image_key)
         self._lock = threading.Lock()
 
     def _get(self):
@@ -60,10 +71,11 @@ class Engine:
         with self._lock:
             predictor = self._get()
             set_ms = None
-            if path != self._image_path:
-                self._image_path = None
+            key = image_key(path)  # each request names its image: set it unless it is the one held
+            if key != self._image_key:
+                self._image_key = None
                 predictor.set_image(path)
-                self._image_path, set_ms = path, predictor.last_set_image_ms
+                self._image_key, set_ms = key, predictor.last_set_image_ms
             spec = method_spec(method, threshold, grabcut, saliency)
             out = predictor.predict(words, caption=caption, methods=[spec])
             return out, predictor.image, set_ms, str(predictor.device)

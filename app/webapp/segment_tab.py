@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-from ovseg.app.webapp.common import (NO_IMAGE, READY, SALIENCY_CHOICES, check_threshold, default_threshold,
-                                     error_status, example_images, has_grabcut, has_option, md)
+from ovseg.app.webapp.common import (MAX_WORDS, NO_IMAGE, READY, SALIENCY_CHOICES, check_threshold,
+                                     default_threshold, error_status, example_images, has_grabcut, has_option, md)
 from ovseg.app.webapp.engine import Engine
 from ovseg.core.concepts import parse_concepts
 from ovseg.core.errors import OvsegError
@@ -22,7 +22,7 @@ def gallery_items(out, image) -> list[tuple]:
         for prior in r.priors:
             score = r.score if math.isnan(prior.score) else prior.score
             overlay, note = prior_overlay(image, prior.map, prior.kind)
-            kind = prior.kind.replace("_", " ") + (f" ({note})" if note else "")
+            kind = prior.label + (f" ({note})" if note else "")
             items.append((overlay, f"{r.concept} · {kind} · score {score:.2f}"))
         rgb = tuple(int(c) for c in colour(words.index(r.concept)))
         items.append((mask_overlay(image, r.mask, rgb), f"{r.concept} · mask · {r.ms:.0f} ms"))
@@ -97,7 +97,11 @@ def make_handler(engine: Engine):
                 raise OvsegError(NO_IMAGE)
             if method not in available_methods():
                 raise OvsegError(f"unknown method {method!r}; available: {', '.join(available_methods())}")
-            parse_concepts(words or "")  # a bad word list is refused before any model loads
+            positives, negatives = parse_concepts(words or "")  # a bad word list is refused before any model loads
+            n = len(positives) + len(negatives)
+            if n > MAX_WORDS:
+                raise OvsegError(f"{n} words in one request: at most {MAX_WORDS} (negatives included); segment "
+                                 "them in smaller groups, or a long list with `ovseg segment`")
             out, rgb, set_ms, device = engine.run(
                 image["path"], words or "", caption or "", method, check_threshold(threshold), bool(grabcut),
                 saliency,
@@ -118,7 +122,7 @@ def segment_tab(gr, engine: Engine, methods: list[str], first: str) -> None:
             gr.Examples([[str(p)] for p in example_images()], inputs=[image], label="Examples",
                         elem_id="examples")
             words = gr.Textbox(label="Words", placeholder="dog, frisbee, -person", elem_id="words",
-                               info="comma-separated; a leading '-' marks a negative word")
+                               info=f"comma-separated; a leading '-' marks a negative word; at most {MAX_WORDS}")
             caption = gr.Textbox(label="Caption (optional)", elem_id="caption",
                                  placeholder="a dog catching a frisbee in a park")
             with gr.Row():
@@ -160,5 +164,6 @@ PAINT_ALPHA = 0.55
 
 def threshold_slider(gr, method: str, render: bool = True):
     t = default_threshold(method)
-    return gr.Slider(0.0, 1.0, value=0.5 if t is None else t, step=0.01, label="Mask threshold",
+    return gr.Slider(0.0, 1.0, value=0.5 if t is None else t, step=0.01,
+                     label="Mask threshold" if t is not None else "Mask threshold (the method's own, per word)",
                      interactive=t is not None, elem_id="threshold", render=render)

@@ -31,6 +31,17 @@ class ImageState:
     features: BackboneFeatures
     cache: dict = field(default_factory=dict)
 
+    @classmethod
+    def compute(cls, models: Models, rgb: np.ndarray, long_side: int) -> "ImageState":
+        """The state of a decoded RGB image (HWC uint8): the network input at `long_side` and its backbone
+        features, as `Predictor.set_image` makes it (trainers use it on dataset images)."""
+        from ovseg.core.models.backbone import input_size, preprocess
+
+        x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], long_side), models.device)
+        with torch.no_grad():
+            feats = models.backbone(x)
+        return cls(image=rgb, input=x, features=feats)
+
     @property
     def size(self) -> tuple[int, int]:
         return self.image.shape[0], self.image.shape[1]

@@ -331,6 +331,38 @@ def object_sense(word: str, lexicon: Lexicon | None = None) -> str | None:
     return info.sense if info.kind == _CONTENT else None
 
 
+@lru_cache(maxsize=None)
+def _first_senses(classes: tuple[str, ...]) -> dict[str, str]:
+    from ovseg.core.models.lexicon import wordnet
+
+    wn = wordnet()
+    out = {}
+    for name in classes:
+        syns = wn.synsets(name.replace(" ", "_"), pos="n")
+        if syns:
+            out[name] = syns[0].name()
+    if "tv" in classes:
+        out["tv"] = "television_receiver.n.01"
+    return out
+
+
+@lru_cache(maxsize=200_000)
+def class_of_noun(noun: str, classes: tuple[str, ...]) -> str | None:
+    """The class of `classes` a noun names: the class whose first WordNet sense is the noun's object sense or
+    one of its hypernyms ("puppy" -> dog, "man" -> person, "cars" -> car); None if none."""
+    from ovseg.core.models.lexicon import wordnet
+
+    sense = object_sense(noun)
+    if sense is None:
+        return None
+    s = wordnet().synset(sense)
+    closure = {s.name()} | {h.name() for h in s.closure(lambda x: x.hypernyms())}
+    for name, syn in _first_senses(tuple(classes)).items():
+        if syn in closure:
+            return name
+    return None
+
+
 @dataclass
 class _Unit:
     start: int

@@ -17,10 +17,15 @@ EXAMPLES = ROOT / "assets" / "examples"
 SEGMENT_TIMEOUT_MS = 90_000  # the first click loads the models (about 10 s on a CPU)
 
 
+# The app's pixel limit in these tests: above every bundled example (the largest, grace_hopper.jpg, is 0.3 MP),
+# below an image a test makes, so that the refusal of a too large upload is seen without a huge file.
+MAX_PIXELS = 1_000_000
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """The real app in a subprocess (CPU), started from a folder outside the checkout."""
-    with running_webapp(tmp_path_factory.mktemp("webapp")) as url:
+    with running_webapp(tmp_path_factory.mktemp("webapp"), env={"OVSEG_MAX_PIXELS": str(MAX_PIXELS)}) as url:
         yield url
 
 
@@ -62,22 +67,30 @@ def _screenshot(page, name: str) -> None:
 
 @pytest.mark.browser
 def test_segment_shows_maps_masks_and_scores(page):
+    """The first screen runs `fused`: per word its evidence maps, the mask, one pseudo-mask per object, and a
+    status table that says which evidence decided it."""
     from playwright.sync_api import expect
 
+    expect(page.locator("#method input")).to_have_value("fused")
     _upload(page, EXAMPLES / "cat.jpg")
     expect(page.locator("#status")).to_contain_text("cat.jpg")
     _type_words(page, "cat, dog")
     page.click("#segment-btn")
     images = page.locator("#results .thumbnail-item img")
-    expect(images).to_have_count(4, timeout=SEGMENT_TIMEOUT_MS)
+    expect(images.nth(12)).to_be_visible(timeout=SEGMENT_TIMEOUT_MS)  # 6 per word, and the cat's instance(s)
     captions = page.locator("#results .caption-label").all_inner_texts()
-    assert [c.split(" · ")[:2] for c in captions] == [
-        ["cat", "attention"], ["cat", "mask"], ["dog", "attention"], ["dog", "mask"]
-    ], captions
-    assert re.search(r"score \d\.\d\d", captions[0]) and re.search(r"\d+ ms", captions[1]), captions
+    maps = ["evidence: CAM", "evidence: CAM on object proposals", "evidence: XPM regions",
+            "evidence: Concept Mask attention", "fused probability, relative to its peak", "mask"]
+    cat = [c.split(" · ")[1] for c in captions if c.startswith("cat · ")]
+    dog = [c.split(" · ")[1] for c in captions if c.startswith("dog · ")]
+    assert cat[:6] == maps and all(c.startswith("pseudo-mask") for c in cat[6:]) and len(cat) > 6, captions
+    assert dog == maps, captions  # judged absent: its maps and mask, no pseudo-mask to review
+    assert re.search(r"score \d\.\d\d", captions[0]) and re.search(r"\d+ ms", captions[5]), captions
     status = _status(page)
-    assert "cat" in status and re.search(r"presence score\s+0\.\d\d", status), status
-    assert "Egyptian cat" in status  # the method's details: the nearest ImageNet classes
+    assert re.search(r"presence score\s+0\.\d\d", status), status
+    assert re.search(r"present\s+yes", status) and re.search(r"present\s+no", status), status
+    assert "decided by" in status and "cam" in status  # the evidence that decided the mask
+    assert "Egyptian cat" in status  # the CAM's nearest ImageNet classes
     _wait_for_result_images(page)
     _screenshot(page, "app_segment.png")
 
@@ -183,6 +196,66 @@ def test_bad_upload_gives_a_readable_message(page, tmp_path):
 
 
 @pytest.mark.browser
+def test_upload_above_the_pixel_limit_is_refused_in_the_page(page, tmp_path):
+    from PIL import Image
+    from playwright.sync_api import expect
+
+    big = tmp_path / "big.png"
+    Image.new("RGB", (1200, 1000), (90, 140, 200)).save(big)  # 1.2 MP, above the app's limit of 1 MP
+    page.locator("#image input[type=file]").set_input_files(str(big))
+    message = "big.png: image is 1200x1000 (1.2 MP), above the limit of 1 MP"
+    expect(page.locator("#status")).to_contain_text("Error: " + message)
+    expect(page.locator("#status")).to_contain_text("OVSEG_MAX_PIXELS")
+    expect(page.locator(".toast-body").get_by_text(message)).to_be_visible()
+    expect(page.locator("#image img")).to_have_count(0)  # cleared: nothing to segment by mistake
+    assert "Traceback" not in page.locator("body").inner_text()
+
+
+@pytest.mark.browser
+def test_two_sessions_segmenting_at_once_each_get_their_own_answer(browser, app_url):
+    """Two browser sessions, each with its own image and words, press Segment together: the engine holds one
+    image at a time, and each answer must be of its own session's image and words."""
+    from playwright.sync_api import expect
+
+    # per image: its size in the status line, and the words of each round (the second in the other order, so
+    # that each round's answer differs from the one before)
+    sessions = {"cat.jpg": ("451×300", [["cat", "dog"], ["dog", "cat"]]),
+                "grace_hopper.jpg": ("512×600", [["person", "tie"], ["tie", "person"]])}
+    contexts, pages = [], {}
+    try:
+        for name in sessions:
+            context = browser.new_context(viewport={"width": 1400, "height": 900})
+            contexts.append(context)
+            pg = context.new_page()
+            pg.set_default_timeout(30_000)
+            pg.goto(app_url)
+            pg.wait_for_selector("#segment-btn")
+            _upload(pg, EXAMPLES / name)
+            _choose_method(pg, "cam")  # two results per word: its attention map and its mask
+            pages[name] = pg
+        for round_ in range(2):  # the second round finds the other session's image set in the engine
+            for name, pg in pages.items():
+                _type_words(pg, ", ".join(sessions[name][1][round_]))
+            for pg in pages.values():
+                pg.click("#segment-btn")  # both requests are in flight together
+            for name, pg in pages.items():
+                size, rounds = sessions[name]
+                words = rounds[round_]
+                expected = [w for w in words for _ in ("attention", "mask")]
+                results = pg.locator("#results .caption-label")
+                pg.wait_for_function(
+                    "want => [...document.querySelectorAll('#results .caption-label')].map(e => e.innerText"
+                    ".split(' · ')[0]).join(',') === want", arg=",".join(expected), timeout=SEGMENT_TIMEOUT_MS)
+                assert [c.split(" · ")[0] for c in results.all_inner_texts()] == expected, name
+                expect(pg.locator("#status")).to_contain_text(f"image {size}")
+                status = _status(pg)
+                assert status.index(words[0]) < status.index(words[1]), (name, status)  # this round's answer
+    finally:
+        for context in contexts:
+            context.close()
+
+
+@pytest.mark.browser
 def test_missing_image_and_empty_words_are_explained(page):
     from playwright.sync_api import expect
 
@@ -233,6 +306,34 @@ def test_handler_refusals(segment, image, words, method, threshold, expected):
     assert gallery == [] and status.startswith("**Error:** ") and expected in status
 
 
+def test_handler_caps_the_words_per_request(monkeypatch, segment):
+    """More words than the app takes in one request are refused at once, with the limit and what to do; as
+    many as the limit go to the engine."""
+    from ovseg.core.errors import OvsegError
+
+    calls = []
+
+    def engine_run(self, path, words, *args):
+        calls.append(words)
+        raise OvsegError("the engine ran")
+
+    monkeypatch.setattr(webapp.Engine, "run", engine_run)
+    nouns = ["cat", "dog", "car", "cup", "tree", "sky", "bed", "box", "pen", "hat", "bus", "cow", "sun", "bag",
+             "key", "map", "egg", "jar", "owl", "fox", "ant", "bee"]
+    image = {"path": str(EXAMPLES / "cat.jpg")}
+    limit = webapp.MAX_WORDS
+    with pytest.warns(UserWarning):
+        gallery, status = segment(image, ", ".join(nouns[: limit + 1]), "", "cam", 0.4)
+    assert gallery == [] and calls == []
+    assert f"{limit + 1} words" in status and f"at most {limit}" in status and "ovseg segment" in status, status
+    with pytest.warns(UserWarning):  # negatives count too: each one is excluded from every word's mask
+        _, status = segment(image, ", ".join(nouns[:limit] + ["-person"]), "", "cam", 0.4)
+    assert f"at most {limit}" in status and calls == []
+    with pytest.warns(UserWarning):
+        _, status = segment(image, ", ".join(nouns[:limit]), "", "cam", 0.4)
+    assert "the engine ran" in status and len(calls) == 1
+
+
 def test_handler_refuses_an_unknown_saliency_prior(segment):
     with pytest.warns(UserWarning):
         gallery, status = segment({"path": str(EXAMPLES / "cat.jpg")}, "cat", "", "cls_saliency", 0.5, True, "magic")
@@ -266,9 +367,83 @@ def test_gallery_and_summary_from_a_prediction():
 def test_command_line():
     args = webapp.parse_args([])
     assert (args.host, args.device) == ("127.0.0.1", "auto")
+    assert webapp.launch_options(args) == {"server_name": "127.0.0.1", "auth": None}
     with pytest.raises(SystemExit):
         webapp.parse_args(["--share"])
     from ovseg.core.methods.cam.method import DEFAULT_THRESHOLD
 
     assert webapp.default_threshold("cam") == pytest.approx(DEFAULT_THRESHOLD)
     assert [p.name for p in webapp.example_images()] == ["astronaut.jpg", "cat.jpg", "coffee.jpg", "grace_hopper.jpg"]
+
+
+@pytest.mark.parametrize("argv, auth", [
+    (["--host", "localhost"], None),
+    (["--host", "127.0.0.2"], None),
+    (["--host", "::1"], None),
+    (["--host", "0.0.0.0", "--auth", "ada:s3cret:too"], ("ada", "s3cret:too")),  # the password may hold ':'
+    (["--host", "192.168.1.20", "--auth", "ada:pw"], ("ada", "pw")),
+    (["--host", "0.0.0.0", "--insecure"], None),
+    (["--auth", "ada:pw"], ("ada", "pw")),  # a password on the loopback address too, if asked for
+])
+def test_serving_rules_accepted(argv, auth):
+    options = webapp.launch_options(webapp.parse_args(argv))
+    assert options["auth"] == auth and options["server_name"] == webapp.parse_args(argv).host
+
+
+@pytest.mark.parametrize("argv, phrase", [
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 serves other machines: add --auth USER:PASSWORD"),
+    (["--host", "192.168.1.20"], "or --insecure"),
+    (["--host", "myhost.lan"], "--auth USER:PASSWORD"),
+    (["--host", "0.0.0.0", "--auth", "ada"], "--auth reads USER:PASSWORD"),
+    (["--auth", ":pw"], "--auth reads USER:PASSWORD"),
+    (["--auth", "ada:"], "--auth reads USER:PASSWORD"),
+])
+def test_serving_rules_refused(argv, phrase):
+    from ovseg.core.errors import OvsegError
+
+    with pytest.raises(OvsegError, match=re.escape(phrase)):
+        webapp.launch_options(webapp.parse_args(argv))
+
+
+def test_a_lan_address_without_a_password_is_refused_before_anything_loads(monkeypatch, capsys):
+    def trap(*args, **kwargs):
+        raise AssertionError("the app was built although its serving options are refused")
+
+    monkeypatch.setattr(webapp, "build_app", trap)
+    assert webapp.main(["--host", "0.0.0.0", "--device", "cpu"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("ovseg-app: error: --host 0.0.0.0") and "--auth" in lines[0]
+
+
+def test_engine_sets_the_image_each_request_names(predictor, tmp_path):
+    """The engine keeps the last image's features: a request for the same file reuses them; another file, or
+    another image saved under the same path, is set again (never the previous image's answer)."""
+    import shutil
+
+    engine = webapp.Engine(predictor)
+    path = tmp_path / "photo.jpg"
+    shutil.copyfile(EXAMPLES / "cat.jpg", path)
+    _, rgb, set_ms, _ = engine.run(str(path), "cat", "", "cam", 0.3)
+    assert rgb.shape[:2] == (300, 451) and set_ms is not None
+    _, rgb, set_ms, _ = engine.run(str(path), "dog", "", "cam", 0.3)
+    assert rgb.shape[:2] == (300, 451) and set_ms is None  # the same file: its features are reused
+    shutil.copyfile(EXAMPLES / "grace_hopper.jpg", path)  # another image under the same name
+    out, rgb, set_ms, _ = engine.run(str(path), "person", "", "cam", 0.3)
+    assert rgb.shape[:2] == (600, 512) and set_ms is not None and out.image_size == (600, 512)
+
+
+def test_engine_serves_threads_at_once_each_its_own_image(predictor):
+    """Handlers run in threads: requests for two images at once each get the answer of their own image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    engine = webapp.Engine(predictor)
+    jobs = [("cat.jpg", "cat", (300, 451)), ("grace_hopper.jpg", "person", (600, 512))] * 3
+
+    def run(job):
+        name, word, size = job
+        out, rgb, _, _ = engine.run(str(EXAMPLES / name), word, "", "cam", 0.3)
+        return out.image_size, rgb.shape[:2], [r.concept for r in out.results], size, word
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        for image_size, rgb_size, words, size, word in pool.map(run, jobs):
+            assert image_size == rgb_size == size and words == [word]

@@ -50,3 +50,20 @@ def test_acceptance_and_split_means():
     m = _split_mean(per_pair)
     assert m["target"] == pytest.approx(0.5) and m["base"] == pytest.approx(0.75)
     assert m["h"] == pytest.approx(2 * 0.5 * 0.75 / 1.25)
+
+
+def test_presence_calibration_bins_on_held_out_base_classes():
+    from ovseg.train.evaluate import _calibration
+
+    s = _Scores()
+    # person (base): scores 0.1 absent x3, 0.9 present x3, on held-out images; one non-held-out row is ignored
+    for score, present in [(0.1, False)] * 3 + [(0.9, True)] * 3:
+        s.scores["person"].append(score)
+        s.labels["person"].append(present)
+        s.held_out["person"].append(True)
+    s.scores["person"].append(0.9), s.labels["person"].append(False), s.held_out["person"].append(False)
+    s.scores["dog"].append(0.9), s.labels["dog"].append(False), s.held_out["dog"].append(True)  # target: ignored
+    cal = _calibration(s)
+    assert cal["pairs"] == 6
+    assert cal["brier"] == pytest.approx(0.01)  # (0.1 - 0)^2 and (0.9 - 1)^2
+    assert [(b["pairs"], b["share_present"]) for b in cal["bins"]] == [(3, 0.0), (3, 1.0)]

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-from functools import lru_cache
 
 import numpy as np
 import torch
 
 from ovseg.core.ops.boxes import batched_nms, paste_masks, rescale_boxes
-from ovseg.core.models.caption_nouns import object_sense
+from ovseg.core.models.caption_nouns import class_of_noun
 from ovseg.core.methods.xpm.losses import mean_noise, reliability
 from ovseg.core.methods.xpm.model import XPMNet, word_scores
 from ovseg.train.coco import BASE_CLASSES, SCORED_CLASSES, TARGET_CLASSES, CocoConceptDataset
@@ -111,36 +110,9 @@ def instance_map(net: XPMNet, dataset: CocoConceptDataset, held_ids: list[int], 
     return out
 
 
-@lru_cache(maxsize=None)
-def _class_synsets() -> dict[str, str]:
-    from ovseg.core.models.lexicon import wordnet
-
-    wn = wordnet()
-    out = {}
-    for name in SCORED_CLASSES:
-        syns = wn.synsets(name.replace(" ", "_"), pos="n")
-        if syns:
-            out[name] = syns[0].name()
-    out["tv"] = "television_receiver.n.01"
-    return out
-
-
-@lru_cache(maxsize=None)
 def noun_class(noun: str) -> str | None:
-    """The scored COCO class a caption noun names: the class whose first WordNet sense is the noun's object
-    sense or one of its hypernyms ("puppy" -> dog, "man" -> person); None if none."""
-    from ovseg.core.models.lexicon import wordnet
-
-    sense = object_sense(noun)
-    if sense is None:
-        return None
-    wn = wordnet()
-    s = wn.synset(sense)
-    closure = {s.name()} | {h.name() for h in s.closure(lambda x: x.hypernyms())}
-    for name, syn in _class_synsets().items():
-        if syn in closure:
-            return name
-    return None
+    """The scored COCO class a caption noun names ("puppy" -> dog, "man" -> person); None if none."""
+    return class_of_noun(noun, tuple(SCORED_CLASSES))
 
 
 def reliability_study(pseudo: list[dict]) -> dict:
