@@ -29,6 +29,12 @@ from ovseg.app.webapp.segment_tab import check_upload, gallery_items, make_handl
 from ovseg.core.errors import OvsegError
 from ovseg.core.registry import available_methods
 
+# What the tabs' modules offer, re-exported here (the tests and scripts use `ovseg.app.webapp.X`).
+__all__ = ["BACKGROUND_COLOUR", "CSS", "DEFAULT_METHOD", "Engine", "MASK_COLOUR", "MAX_WORDS", "NEW_MASK", "NO_IMAGE",
+           "READY", "Review", "SALIENCY_CHOICES", "build_app", "check_upload", "default_threshold", "example_images",
+           "gallery_items", "has_grabcut", "has_option", "main", "make_handler", "mask_layer", "painted",
+           "parse_args", "png_file", "retrain_summary", "summary"]
+
 log = logging.getLogger(__name__)
 
 

@@ -150,17 +150,6 @@ def segment_tab(gr, engine: Engine, methods: list[str], first: str) -> None:
     gr.on([button.click, words.submit], make_handler(engine), inputs, outputs, preprocess=False)
 
 
-# ----------------------------------------------------------------------------------------- Review tab
-
-NEW_MASK = -1  # the pseudo-mask chooser's value for "paint a new pseudo-mask"
-REVIEW_READY = "Pick a dataset labelled with `ovseg label`, then a sample and one of its pseudo-masks."
-NO_DATASETS = ("No labelled dataset yet: create one with `ovseg label SOURCE --dataset NAME`, then press "
-               "**Refresh**.")
-# Brush colours of the mask editor: the object's mask, and strokes that mark background for GrabCut.
-MASK_COLOUR = "#e6194b"
-BACKGROUND_COLOUR = "#4363d8"
-PAINT_ALPHA = 0.55
-
 
 def threshold_slider(gr, method: str, render: bool = True):
     t = default_threshold(method)
