@@ -91,7 +91,8 @@ def test_a_correction_round_trips_with_its_new_word_and_tags(dataset):
     from ovseg.app.curate import corrections
     from ovseg.app.curate.schema import mask_from_detection
 
-    sid = corrections.samples(dataset)[2][0]
+    # a sample with two pseudo-masks or more: one is corrected, another must stay untouched by a refusal
+    sid = [s for s, _ in corrections.samples(dataset) if len(corrections.load(dataset, s)["masks"]) >= 2][-1]
     data = corrections.load(dataset, sid)
     h, w = data["image"].shape[:2]
     before = len(data["masks"])
@@ -206,6 +207,9 @@ def test_retrain_handler_reloads_the_engines_methods_and_shows_the_figures(monke
     class FakePredictor:
         _methods = {"xpm": object()}
 
+        def reload_methods(self):
+            self._methods.clear()
+
     seen = {}
 
     def fake_retrain(cfg, progress=True, **_):
@@ -258,7 +262,9 @@ def test_review_tab_approves_a_pseudo_mask_into_the_database(dataset, review_app
 
     from ovseg.app.curate import corrections
 
-    sid, text = corrections.samples(dataset)[0]
+    # a sample whose first pseudo-mask no other test has corrected (the dataset is shared by the module)
+    sid, text = next((s, x) for s, x in corrections.samples(dataset)
+                     if "corrected" not in (_stored(dataset, s).pseudo_masks.detections[0].tags or []))
     corrections.set_verdict(dataset, sid, 0, "rejected")  # the click must replace this verdict
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     page = context.new_page()
@@ -296,7 +302,7 @@ def test_review_tab_approves_a_pseudo_mask_into_the_database(dataset, review_app
 
 
 def _mask_text(m: dict) -> str:
-    from ovseg.app.webapp import _mask_choice
+    from ovseg.app.webapp.review_tab import _mask_choice
 
     return _mask_choice(m)[0]
 

@@ -7,7 +7,14 @@ import pytest
 from ovseg.app.curate.schema import LABEL_FIELD, sample_fields
 from ovseg.core.types import ConceptResult, Prior, PseudoLabel
 
-fo = pytest.importorskip("fiftyone")
+
+@pytest.fixture(scope="module")
+def fo():
+    """FiftyOne as ovseg configures it (its database and plugin folders set before the first import: a bare
+    `import fiftyone` here would fix FiftyOne's settings for every later test in the process)."""
+    from ovseg.app.curate.fo import fiftyone
+
+    return fiftyone()
 
 
 def _mask(x0, x1):
@@ -23,7 +30,7 @@ def _result(method, present, instances=()):
     return ConceptResult("dog", method, mask, 0.9 if present else 0.01, present, [prior], labels)
 
 
-def test_instances_become_one_detection_each_and_absent_words_none():
+def test_instances_become_one_detection_each_and_absent_words_none(fo):
     fields = sample_fields(fo, [("fused", _result("fused", True, [(0, 8), (12, 20)])),
                                 ("cam", _result("cam", False))])
     dets = fields[LABEL_FIELD].detections
@@ -35,6 +42,6 @@ def test_instances_become_one_detection_each_and_absent_words_none():
     assert "attention_cam" in fields and "attention_fused" in fields
 
 
-def test_a_present_word_without_instances_gets_its_concept_mask():
+def test_a_present_word_without_instances_gets_its_concept_mask(fo):
     dets = sample_fields(fo, [("cam", _result("cam", True))])[LABEL_FIELD].detections
     assert len(dets) == 1 and dets[0].method == "cam" and dets[0].present is True

@@ -139,9 +139,9 @@ def test_evaluation_scores_attention_maps_and_mask_precision_recall_by_hand():
     assert s.soft_iou["attention_refined"]["cat"] == [1.0]
     mask = np.zeros((4, 4), dtype=bool)
     mask[0, :] = True  # 4 pixels, 2 of them in the mask
-    mask[3, 3] = True  # unlabelled: not counted
+    mask[3, 3] = True  # unlabelled: a false positive by the strict rule (precision and recall are strict)
     s.add_mask("cat", mask, targets)
-    assert s.precision["cat"] == [0.5] and s.recall["cat"] == [0.5]
+    assert s.precision["cat"] == [pytest.approx(2 / 5)] and s.recall["cat"] == [0.5]
     # pointing: mean over classes of each class's hit rate
     assert _class_mean({"cat": [1.0, 0.0, 0.0, 0.0], "dog": [1.0]})["target"] == pytest.approx((0.25 + 1.0) / 2)
 
