@@ -388,9 +388,14 @@ def test_fiftyone_plugin_operator_retrains(coco_dataset):
 
     assert "@ovseg/curation" in [p.name for p in fop.list_plugins()]
     before = ck.versions("xpm")
-    res = foo.execute_operator("@ovseg/curation/retrain",
-                               ctx={"dataset": "coco-test", "params": {"epochs": 1, "evaluate": False,
-                                                                       "segmenter": False}})
+    # in a thread of its own: where an event loop runs in this one (Playwright's, after a browser test),
+    # FiftyOne hands back an asyncio task instead of the result
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        res = pool.submit(foo.execute_operator, "@ovseg/curation/retrain",
+                          ctx={"dataset": "coco-test", "params": {"epochs": 1, "evaluate": False,
+                                                                  "segmenter": False}}).result()
     assert res.error is None, res.error
     assert res.result["version"] not in before and res.result["labels"] > 0
     assert ck.current_version("xpm") == res.result["version"]

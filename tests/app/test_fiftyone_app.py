@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -102,9 +103,13 @@ def test_review_command_serves_the_app_and_stops_it_on_sigterm(app):
     proc = subprocess.Popen([sys.executable, "-m", "ovseg.app.cli", "review", "app-test", "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
+    lines: list[str] = []  # its output, read as it comes (the App's server can answer before the URL is printed)
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     try:
         deadline = time.monotonic() + 120
-        while not serving(url) and time.monotonic() < deadline and proc.poll() is None:
+        while not (serving(url) and any(f"{url}/datasets/app-test" in line for line in lines)) \
+                and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.5)
         assert serving(url), f"ovseg review did not serve {url}"
         with urllib.request.urlopen(f"{url}/datasets/app-test", timeout=5) as r:
@@ -112,10 +117,12 @@ def test_review_command_serves_the_app_and_stops_it_on_sigterm(app):
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
-            out = proc.communicate(timeout=60)[0]
+            proc.wait(timeout=60)
         except subprocess.TimeoutExpired:  # SIGTERM ignored: kill it, so that no App server is orphaned
             proc.kill()
-            out = proc.communicate(timeout=30)[0]
+            proc.wait(timeout=30)
+        reader.join(timeout=10)
+    out = "".join(lines)
     assert f"{url}/datasets/app-test" in out and "least-reliable" in out
     deadline = time.monotonic() + 30
     while serving(url) and time.monotonic() < deadline:

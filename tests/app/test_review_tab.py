@@ -16,9 +16,10 @@ from helpers import ARTIFACTS, ROOT
 
 EXAMPLES = ROOT / "assets" / "examples"
 DATASET = "review-tab-test"
-@pytest.fixture(scope="module")
+@pytest.fixture
 def dataset(tmp_path_factory) -> str:
-    """A dataset labelled by `ovseg label` (xpm and cam) from cat.jpg and coffee.jpg with "cat, cup"."""
+    """A dataset labelled by `ovseg label` (xpm and cam) from cat.jpg and coffee.jpg with "cat, cup", made
+    afresh for each test: the tests change it, and none may depend on another's changes or order."""
     from ovseg.app.curate.fo import fiftyone
     from ovseg.app.curate.label import label
 
@@ -244,7 +245,7 @@ def test_retrain_handler_reloads_the_engines_methods_and_shows_the_figures(monke
 
 
 @pytest.fixture(scope="module")
-def review_app(dataset, tmp_path_factory):
+def review_app(tmp_path_factory):
     """The real app in a subprocess (CPU) on the same data folder, hence the same FiftyOne database."""
     with running_webapp(tmp_path_factory.mktemp("review-app")) as url:
         yield url
