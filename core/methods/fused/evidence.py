@@ -45,10 +45,6 @@ PROPOSALS = 60
 PRE_NMS = 300
 REGIONS_BY_CAM, REGIONS_BY_WORD, REGIONS_BY_OBJECTNESS = 8, 6, 4
 
-PIXEL_FEATURES = ("cam", "cam_regions", "objectness", "xpm", "attention", "xpm_top", "cam_top")
-WORD_FEATURES = ("cam_mass", "cam_region_best", "xpm_best", "verification", "familiarity", "imagenet_similarity",
-                 "related_max", "related_rank")
-
 
 def grid_size(hw: tuple[int, int], long_side: int = GRID) -> tuple[int, int]:
     h, w = hw
@@ -63,10 +59,6 @@ class WordEvidence:
     maps: dict[str, torch.Tensor]
     scores: dict[str, float]
     facts: dict
-
-    def pixel_matrix(self, names=PIXEL_FEATURES) -> torch.Tensor:
-        """(gh * gw, len(names)) features, one row per grid pixel."""
-        return torch.stack([self.maps[n].reshape(-1) for n in names], dim=1)
 
 
 class Evidence:
