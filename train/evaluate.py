@@ -22,14 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovseg.core.ops.metrics import average_precision, harmonic_mean, mask_iou, precision_recall_curve, soft_iou
+from ovseg.core.ops.metrics import (auroc, average_precision, harmonic_mean, mask_iou, precision_recall_curve,
+                                    soft_iou, spearman)
 from ovseg.core.predictor import Predictor
 from ovseg.train.coco import BASE_CLASSES, SCORED_CLASSES, TARGET_CLASSES, CocoConceptDataset, held_out_image_ids
 
 # Golub et al.'s ablation (seed 002, Table 3 idea): each input variant of the segmenter with and without
 # GrabCut, and the project's class-discriminative saliency option, beside the training-free reference.
 ABLATION = ["cam"] + [
-    f"cls_saliency[variant={variant},grabcut={grabcut}]"
+    f"cls_saliency[variant={variant},saliency=guided_backprop,grabcut={grabcut}]"
     for variant in ("sem0c", "sem1c", "sem2c_rand", "sem2c_neg") for grabcut in ("on", "off")
 ] + [f"cls_saliency[variant=sem2c_neg,saliency={s},grabcut={g}]" for s in ("cam_gated", "cam") for g in ("on", "off")]
 
@@ -39,6 +40,8 @@ ATTENTION_KINDS = ("attention", "attention_refined")
 
 
 log = logging.getLogger(__name__)
+
+PIXELS_PER_LABEL = 2000  # noise-map pixels sampled per pseudo-label for the pixel AUROC
 
 
 class _Scores:
@@ -57,6 +60,9 @@ class _Scores:
         self.soft_iou = defaultdict(lambda: defaultdict(list))  # prior kind -> class -> eq. 5 per pair
         self.precision = defaultdict(list)
         self.recall = defaultdict(list)
+        self.pseudo = []  # per pseudo-label with a reliability: {"reliability", "iou", "target"}
+        self.noise_scores, self.noise_wrong = [], []  # sampled pixels of pseudo-labels' boxes: noise, is wrong
+        self.correlations = defaultdict(list)  # "target"/"base" -> S+/S- correlation per pair (cls_saliency)
 
     def add_presence(self, scores: dict[str, float], targets, held_out: bool = False) -> None:
         for c, s in scores.items():
@@ -74,6 +80,66 @@ class _Scores:
         predicted, hit = mask & not_crowd, (mask & gt & not_crowd).sum()
         self.precision[concept].append(float(hit / predicted.sum()) if predicted.any() else 0.0)
         self.recall[concept].append(float(hit / (gt & not_crowd).sum()) if (gt & not_crowd).any() else 0.0)
+
+    def add_pseudo_labels(self, concept: str, labels, instances: list[np.ndarray], targets, rng) -> None:
+        """Whether reliability ranks pseudo-masks and noise maps point at their errors: each pseudo-label with a
+        reliability gets its quality, the better of its IoU with the best-matching instance of the class and
+        with the class's union (a mask of a crowd is not wrong); the pixels of its box (enlarged by a quarter)
+        are wrong where the mask differs from that ground truth, and their noise values are sampled (at most
+        PIXELS_PER_LABEL per label) for the pixel AUROC."""
+        gt = targets.gt[concept]
+        valid = ~targets.crowd[concept] if concept in targets.crowd else np.ones(gt.shape, bool)
+        for pl in labels:
+            if pl.reliability is None:
+                continue
+            candidates = [gt, *instances]
+            ious = [mask_iou(pl.mask, g, valid) for g in candidates]
+            best = int(np.argmax(ious))
+            self.pseudo.append({"reliability": float(pl.reliability), "iou": float(ious[best]),
+                                "target": concept in TARGET_CLASSES})
+            if pl.noise_map is None or pl.box is None:
+                continue
+            x0, y0, x1, y1 = pl.box
+            dx, dy = (x1 - x0) / 8, (y1 - y0) / 8
+            H, W = gt.shape
+            sl = (slice(max(0, int(y0 - dy)), min(H, int(np.ceil(y1 + dy)))),
+                  slice(max(0, int(x0 - dx)), min(W, int(np.ceil(x1 + dx)))))
+            ok = valid[sl].ravel()
+            wrong = (pl.mask[sl] != candidates[best][sl]).ravel()[ok]
+            noise = pl.noise_map[sl].ravel()[ok]
+            if len(noise) > PIXELS_PER_LABEL:
+                pick = rng.choice(len(noise), PIXELS_PER_LABEL, replace=False)
+                noise, wrong = noise[pick], wrong[pick]
+            self.noise_scores.append(noise.astype(np.float32))
+            self.noise_wrong.append(wrong)
+
+    def explanations(self) -> dict:
+        """The measures of issue 17 over what was collected (empty when the method gave none)."""
+        out = {}
+        if self.pseudo:
+            rel = np.array([p["reliability"] for p in self.pseudo])
+            iou = np.array([p["iou"] for p in self.pseudo])
+            order = np.argsort(rel, kind="stable")
+            q = max(1, len(order) // 4)
+            out["pseudo_label_reliability"] = {
+                "count": len(self.pseudo), "target_count": int(sum(p["target"] for p in self.pseudo)),
+                "spearman_reliability_iou": spearman(rel, iou),
+                "spearman_target": spearman(rel[[p["target"] for p in self.pseudo]],
+                                            iou[[p["target"] for p in self.pseudo]]),
+                "mean_iou_most_reliable_25pct": float(iou[order[-q:]].mean()),
+                "mean_iou_least_reliable_25pct": float(iou[order[:q]].mean()),
+                "mean_iou_all": float(iou.mean())}
+        if self.noise_scores:
+            scores, wrong = np.concatenate(self.noise_scores), np.concatenate(self.noise_wrong)
+            out["noise_map_pixels"] = {"pixels": int(len(scores)), "wrong_fraction": float(wrong.mean()),
+                                       "auroc_wrong": auroc(scores, wrong),
+                                       "constant_map_fraction": float(np.mean([np.ptp(n) == 0
+                                                                               for n in self.noise_scores]))}
+        for split, values in self.correlations.items():
+            if values:
+                out.setdefault("saliency_correlation", {})[split] = {"median": float(np.median(values)),
+                                                                     "pairs": len(values)}
+        return out
 
     def add_attention(self, concept: str, priors, targets) -> None:
         """Concept Mask's attention measures (sec. 5.2) of each attention prior: the pointing game (the map's
@@ -130,6 +196,12 @@ def _calibration(scores: _Scores, bins: int = 5) -> dict:
             rows.append({"bin": [round(float(lo), 2), round(float(hi), 2)], "pairs": int(sel.sum()),
                          "mean_score": round(float(p[sel].mean()), 4), "share_present": round(float(y[sel].mean()), 4)})
     return {"brier": round(float(np.mean((p - y) ** 2)), 4), "pairs": int(len(p)), "bins": rows}
+
+
+def _instance_masks(dataset: CocoConceptDataset, image_id: int, name: str) -> list[np.ndarray]:
+    """The class's instance masks in the image (crowd regions excluded), for scoring only."""
+    return [dataset.coco.annToMask(a).astype(bool) for a in dataset.annotations(image_id)
+            if dataset._cat_name[a["category_id"]] == name and not a.get("iscrowd", 0)]
 
 
 def _presence(scores: _Scores, held_out_only: bool = False) -> tuple[dict, dict, dict]:
@@ -216,6 +288,7 @@ def evaluate(
     set_image_ms: list[float] = []
     pairs = {"target": 0, "base": 0}
     held_out = held_out_image_ids(dataset.image_ids)
+    rng = np.random.default_rng(0)
     bar = tqdm(ids, desc="eval", unit="img", disable=not progress, dynamic_ncols=True)
     skipped: list[dict] = []  # images that could not be read or decoded: {"id", "file", "why"}, in order
     for image_id in bar:
@@ -254,6 +327,12 @@ def evaluate(
                 for result in prediction.results:
                     acc[m].add_mask(result.concept, result.mask, targets, is_held_out)
                     acc[m].add_attention(result.concept, result.priors, targets)
+                    if any(pl.reliability is not None for pl in result.pseudo_labels):
+                        acc[m].add_pseudo_labels(result.concept, result.pseudo_labels,
+                                                 _instance_masks(dataset, image_id, result.concept), targets, rng)
+                    if "saliency_correlation" in result.details:
+                        split = "target" if result.concept in TARGET_CLASSES else "base"
+                        acc[m].correlations[split].append(float(result.details["saliency_correlation"]))
             acc[m].seconds += elapsed + predictor.last_set_image_ms / 1000.0
         for c in present:  # the trivial reference: every pixel is the class (what the ignore rule forgives)
             whole.add_mask(c, np.ones(targets.shape, dtype=bool), targets, is_held_out)
@@ -290,6 +369,8 @@ def evaluate(
             "mask_precision": _split_mean(s.precision),
             "mask_recall": _split_mean(s.recall),
         }
+        if s.explanations():
+            out_methods[m]["explanations"] = s.explanations()
         if s.pointing:
             out_methods[m]["attention"] = {kind: {"pointing_game": _class_mean(s.pointing[kind]),
                                                   "soft_iou": _split_mean(s.soft_iou[kind])}

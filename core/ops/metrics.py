@@ -167,6 +167,33 @@ def average_precision(scores, labels) -> float:
     return float(np.sum(delta_recall * precision))
 
 
+def auroc(scores, labels) -> float:
+    """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
+    count one half; the Mann-Whitney U statistic). NaN without both classes."""
+    from scipy.stats import rankdata
+
+    scores, labels = _validated_scores_labels(scores, labels)
+    n_pos = int(labels.sum())
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = rankdata(scores)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def spearman(a, b) -> float:
+    """Spearman's rank correlation of two equally long 1-D samples (NaN when either is constant or has
+    fewer than 3 values)."""
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"spearman needs equally long samples, got {a.size} and {b.size}")
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return float("nan")
+    return float(spearmanr(a, b).statistic)
+
+
 def harmonic_mean(a: float, b: float) -> float:
     """Harmonic mean 2ab / (a + b) of two non-negative scores (e.g. target and base mIoU).
 

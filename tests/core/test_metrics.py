@@ -172,3 +172,25 @@ def test_soft_iou_is_eq5_on_a_hand_made_map():
     assert soft_iou(a, g) == pytest.approx(1.5 / 2.25)
     assert soft_iou(a, g, valid=np.array([[True, True], [True, False]])) == pytest.approx(0.75)
     assert soft_iou(np.zeros((2, 2)), np.zeros((2, 2), dtype=bool)) == 0.0
+
+
+def test_auroc_by_hand_with_ties_and_without_both_classes():
+    from ovseg.core.ops.metrics import auroc
+
+    assert auroc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert auroc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    # positives 0.5, 0.7; negatives 0.5, 0.1: pairs (0.5 vs 0.5 tie = 1/2), 0.5>0.1, 0.7>0.5, 0.7>0.1 -> 3.5 / 4
+    assert auroc([0.5, 0.7, 0.5, 0.1], [True, True, False, False]) == pytest.approx(0.875)
+    assert auroc(np.full(6, 0.3), [1, 0, 1, 0, 1, 0]) == 0.5  # a constant map says nothing
+    assert math.isnan(auroc([0.1, 0.2], [1, 1]))
+
+
+def test_spearman_is_rank_correlation():
+    from ovseg.core.ops.metrics import spearman
+
+    x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert spearman(x, x ** 3) == pytest.approx(1.0)  # monotone, not linear
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert math.isnan(spearman(x, np.ones(5)))
+    with pytest.raises(ValueError):
+        spearman(x, x[:3])
