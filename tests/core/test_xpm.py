@@ -4,12 +4,12 @@ the `xpm` method's pseudo-labels with noise maps and reliability."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from ovseg.core.errors import OvsegError
 from ovseg.core.ops.boxes import batched_nms, box_iou, nms, paste_masks, roi_align
 from ovseg.core.methods.xpm.losses import (classification_loss, cross_modal_loss, mean_noise, noisy_mask_loss,
                                            proposal_targets, reliability)
@@ -233,19 +233,54 @@ def test_a_short_training_run_reads_no_target_annotation_and_loads_as_the_method
     predictor.set_image(examples_dir / "cat.jpg")
     state = predictor._state
     for network in ("student", "student_plain", "teacher"):
-        method = XPM(predictor.models, checkpoint=out, network=network, align="always")
-        r = method.predict(state, "cat")
+        # the default reliability: the agreement of the network with the other one and both mirrored
+        r = XPM(predictor.models, checkpoint=out, network=network, align="always").predict(state, "cat")
         assert r.mask.shape == state.size and 0.0 <= r.score <= 1.0
         assert r.pseudo_labels, "align=always keeps the best region"
-        kinds = [p.kind for p in r.priors]
-        assert kinds == (["probability", "noise"] if network == "student" else ["probability"])
+        assert [p.kind for p in r.priors] == ["probability", "noise"]
+        assert r.details["reliability_from"].startswith("agreement")
         for pl in r.pseudo_labels:
             assert pl.mask.shape == state.size and pl.concept == "cat"
-            if network == "student":
-                assert 0.0 <= pl.reliability <= 1.0 and pl.noise_map.shape == state.size
-                x0, y0, x1, y1 = (int(v) for v in pl.box)
-                outside = pl.noise_map.copy()
-                outside[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2] = 0
-                assert pl.noise_map.max() > 0 and not outside.any()  # noise lives in the region's box
-            else:
-                assert pl.reliability is None and pl.noise_map is None
+            assert 0.0 <= pl.reliability <= 1.0 and pl.noise_map.shape == state.size
+            assert 0.0 <= pl.noise_map.min() and pl.noise_map.max() <= 1.0
+        # the paper's g_Noise (eq. 6-7): the robust student only
+        if network != "student":
+            with pytest.raises(OvsegError, match="no g_Noise"):
+                XPM(predictor.models, checkpoint=out, network=network, reliability="g_noise")
+            continue
+        r = XPM(predictor.models, checkpoint=out, network=network, align="always", reliability="g_noise").predict(state, "cat")
+        assert [p.kind for p in r.priors] == ["probability", "noise"]
+        for pl in r.pseudo_labels:
+            assert 0.0 <= pl.reliability <= 1.0 and pl.noise_map.shape == state.size
+            x0, y0, x1, y1 = (int(v) for v in pl.box)
+            outside = pl.noise_map.copy()
+            outside[max(0, y0 - 2):y1 + 2, max(0, x0 - 2):x1 + 2] = 0
+            assert pl.noise_map.max() > 0 and not outside.any()  # noise lives in the region's box
+
+
+def test_view_noise_is_zero_where_views_agree_and_one_where_they_split_evenly():
+    from ovseg.core.methods.xpm.method import view_noise
+
+    a = np.zeros((4, 4), np.float32)
+    a[:2] = 1.0
+    b = a.copy()
+    b[:, :2] = 1.0  # agrees with a on rows 0-1, and on the right half of rows 2-3 (0), not on their left half
+    noise = view_noise([a, a, b, b])
+    assert noise.dtype == np.float32 and noise.shape == (4, 4)
+    assert np.allclose(noise[:2], 0.0) and np.allclose(noise[2:, 2:], 0.0)
+    assert np.allclose(noise[2:, :2], 1.0)  # two views say 1, two say 0: the largest spread
+    assert np.allclose(view_noise([a, a, a, b])[2:, :2], 2 * np.std([0, 0, 0, 1]))
+
+
+def test_view_agreement_is_soft_iou_with_each_other_view():
+    from ovseg.core.methods.xpm.method import view_agreement
+
+    m = np.zeros((4, 4), np.float32)
+    m[:2, :2] = 1.0  # 4 pixels
+    same, half, elsewhere = m.copy(), np.zeros_like(m), np.zeros_like(m)
+    half[:2, :1] = 1.0  # 2 of its 4 pixels
+    elsewhere[3, 3] = 1.0
+    assert view_agreement(m, [same]) == 1.0
+    assert view_agreement(m, [half]) == pytest.approx(0.5)
+    assert view_agreement(m, [elsewhere]) == 0.0  # another view found the word somewhere else
+    assert view_agreement(m, [same, half, elsewhere]) == pytest.approx(0.5)
