@@ -86,20 +86,28 @@ def test_options_are_checked(predictor):
 
 
 @pytest.mark.slow
-def test_an_absent_word_gets_an_empty_mask_and_a_present_one_a_mask(predictor, examples_dir):
+def test_the_gate_empties_only_confidently_absent_calibrated_words_and_keeps_every_map(predictor, examples_dir):
     predictor.set_image(examples_dir / "coffee.jpg")  # a cup of coffee on a saucer
-    out = predictor.predict("cup, giraffe, zebra, dog", methods="concept_mask")
+    out = predictor.predict("cup, car, toilet, pizza, zebra, dog, cat", methods="concept_mask")
     by_word = {r.concept: r for r in out.results}
     h, w = predictor._state.size
     cup = by_word["cup"]  # a target class: no box or mask of it was seen in training
     assert cup.present and cup.mask.any() and cup.mask.shape == (h, w)
     assert [p.kind for p in cup.priors] == ["attention", "attention_refined", "probability"]
-    assert cup.details["nearest_refined"] in BASE_CLASSES
-    for absent in ("giraffe", "zebra", "dog"):
+    assert cup.details["nearest_refined"] in BASE_CLASSES and cup.details["gate"] == "kept: verified present"
+    # base classes: their own calibrated thresholds, or the shared one (zebra: too rare in the calibration set)
+    for absent, source in (("car", "its own"), ("toilet", "its own"), ("pizza", "its own"), ("zebra", "shared")):
         r = by_word[absent]
-        assert not r.present and not r.mask.any(), (absent, r.details)
+        assert r.details["threshold_source"] == source, r.details
+        assert not r.present and not r.mask.any() and r.details["gate"].startswith("emptied"), (absent, r.details)
+        assert r.score < r.details["gate_level"] < cup.score
+        assert [p.label for p in r.priors][:2] == ["attention (judged absent)", "attention refined (judged absent)"]
+    for unseen in ("dog", "cat"):  # target classes, never calibrated: judged absent, not emptied, said so
+        r = by_word[unseen]
+        assert not r.present and r.mask.any(), (unseen, r.details)
+        assert r.details["threshold_source"] == "shared" and "not calibrated" in r.details["gate"]
         assert r.score < cup.score
-    # without verification the absent word still gets the segmenter's mask
-    unverified = predictor.predict("giraffe", methods="concept_mask[verify=off]").results[0]
-    assert unverified.details["verified_present"] is False
-    assert np.array_equal(unverified.priors[2].map, by_word["giraffe"].priors[2].map)
+    # verify=off never empties: the same segmenter probability and a mask for the confidently absent word too
+    unverified = predictor.predict("car", methods="concept_mask[verify=off]").results[0]
+    assert unverified.details["verified_present"] is False and unverified.mask.any()
+    assert np.array_equal(unverified.priors[2].map, by_word["car"].priors[2].map)

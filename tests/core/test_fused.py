@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from ovseg.core.methods.fused.combiner import (Combiner, CrossFitted, Logistic, image_key, pixel_features,
-                                               relative_mask, save)
+from ovseg.core.image_io import pixel_key as image_key
+from ovseg.core.methods.fused.combiner import Combiner, CrossFitted, Logistic, pixel_features, relative_mask, save
 from ovseg.core.predictor import DEFAULT_METHODS, Predictor
 
 

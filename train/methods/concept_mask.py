@@ -580,7 +580,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     seconds["stage3"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
 
-    return _save(cfg, tags, original, trained, segs, corpus.refined, theta, presence, mask_thresholds, {
+    out = _save(cfg, tags, original, trained, segs, corpus.refined, theta, presence, mask_thresholds, {
         "data": {"coco_dir": str(Path(cfg.coco_dir).resolve()), "train_images": len(corpus.train_ids),
                  "held_out_images": len(corpus.held_ids),
                  "held_out_ids_sha1": hashlib.sha1(json.dumps(corpus.held_ids).encode()).hexdigest(),
@@ -595,6 +595,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "torch": torch.__version__,
     })
+    calibrate_verification(out, cfg.coco_dir, progress)
+    return out
 
 
 def _save(cfg, tags, original, trained, segs, refined, theta, presence, mask_thresholds, summary) -> Path:
@@ -619,6 +621,42 @@ def _save(cfg, tags, original, trained, segs, refined, theta, presence, mask_thr
     return out
 
 
+def calibrate_verification(folder: str | Path, coco_dir: str | Path, progress: bool = True) -> Path:
+    """Concept verification's calibration (`ovseg.core.methods.concept_mask.verification`) for the model in
+    `folder`, on the base classes of coco_dev's held-out images (never trained on), through the method's own
+    inference path; writes folder/verification.json. Ground truth is read for base classes only."""
+    from tqdm import tqdm
+
+    from ovseg.core.image_io import pixel_key
+    from ovseg.core.methods.base import ImageState
+    from ovseg.core.methods.concept_mask.method import ConceptMask
+    from ovseg.core.methods.concept_mask.verification import fit_cross_fitted
+    from ovseg.core.predictor import DEFAULT_LONG_SIDE
+    from ovseg.train.coco import held_out_image_ids
+
+    folder = Path(folder)
+    models = Models("cpu")
+    method = ConceptMask(models, checkpoint=folder, verify=False)
+    dataset = CocoConceptDataset(coco_dir)
+    held = sorted(held_out_image_ids(dataset.image_ids))
+    concepts = list(method.model.refined_names)
+    assert_no_target_annotations(concepts)
+    samples = []
+    for image_id in tqdm(held, desc="verification calibration", unit="img", disable=not progress):
+        rgb = dataset.load_rgb(image_id)
+        state = ImageState.compute(models, rgb, DEFAULT_LONG_SIDE)
+        present = {c for c in dataset.classes_present(image_id) if c in concepts}
+        scores = {c: method.verification(state, c) for c in concepts}
+        samples.append({"key": pixel_key(rgb), "scores": scores, "present": present})
+    calibration = fit_cross_fitted(samples)
+    calibration.summary.update(coco_dir=str(coco_dir), held_out_images=len(held),
+                               classes="base classes only (refined concepts)")
+    path = folder / "verification.json"
+    calibration.save(path)
+    log.info("verification calibration: %s", calibration.summary)
+    return path
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coco", default="../shared/data/coco_dev", help="COCO folder (images/, instances.json, captions.json)")
     p.add_argument("--out", default="assets/checkpoints/concept_mask", help="model folder (replaced when done)")
@@ -631,9 +669,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=None, help="train on the first N training images (quick runs)")
     p.add_argument("--refine-epochs", type=int, default=TrainConfig.refine_epochs)
     p.add_argument("--seg-epochs", type=int, default=TrainConfig.seg_epochs)
+    p.add_argument("--verification-only", action="store_true",
+                   help="only (re)calibrate concept verification for the model already in --out (2 min)")
 
 
 def run(args) -> Path:
+    if args.verification_only:
+        calibrate_verification(args.out, args.coco)
+        return Path(args.out)
     cfg = TrainConfig(coco_dir=args.coco, out=args.out, ablation=not args.no_ablation, max_images=args.max_images,
                       cross_fit=not args.no_cross_fit, finetune_embedding=args.finetune_embedding,
                       refine_epochs=args.refine_epochs, seg_epochs=args.seg_epochs)

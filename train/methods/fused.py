@@ -28,8 +28,9 @@ import torch.nn.functional as F
 
 from ovseg.core.cache import atomic_write_bytes, atomic_write_json, replaced_folder
 from ovseg.core.methods.base import ImageState
-from ovseg.core.methods.fused.combiner import (PIXEL_EXPERTS, PRESENCE_EXPERTS, Combiner, Logistic, image_key,
-                                               pixel_features, save, word_features)
+from ovseg.core.image_io import pixel_key as image_key
+from ovseg.core.methods.fused.combiner import (PIXEL_EXPERTS, PRESENCE_EXPERTS, Combiner, Logistic, pixel_features,
+                                               save, word_features)
 from ovseg.core.methods.fused.evidence import Evidence
 from ovseg.core.models import Models
 from ovseg.core.ops.metrics import average_precision

@@ -2,8 +2,9 @@
 encoder's vector mapped into the PMI space) -> coarse attention map (eq. 1) of the image at two input sizes ->
 refined attention (the refinement network; for a word without box supervision, blended with its nearest
 refined concept, sec. 4.4) -> label-agnostic segmentation network on the image + the two attention maps ->
-mask; presence from the attention-weighted verification score (supplementary 5): a word judged absent gets an
-empty mask.
+mask; presence from the attention-weighted verification score (supplementary 5), calibrated on base classes
+(`verification.py`): per-concept thresholds, a probability, and a gate that empties the mask only when a
+base concept is confidently absent. Any other word judged absent keeps its mask and maps, marked.
 
 Stand-ins (see the README): EfficientNet-Lite0 for ResNet-50 (frozen), coco_dev's training images for the
 paper's 6M-image Stock-18K and its box and mask sets, the project's segmenter for the Inception-V2 streams.
@@ -20,7 +21,9 @@ import numpy as np
 import torch
 
 from ovseg.core.models.backbone import input_size, preprocess
+from ovseg.core.image_io import pixel_key
 from ovseg.core.methods.concept_mask.attention import ConceptAttentionModel
+from ovseg.core.methods.concept_mask.verification import Calibration, CalibrationSet
 from ovseg.core.checkpoints import packaged
 from ovseg.core.errors import OvsegError
 from ovseg.core.methods.base import ImageState, Method, upsample_map
@@ -48,7 +51,8 @@ class ConceptMask(Method):
         loss) or "original" (the stage-1 embedding network's coarse maps, no refinement): Table 1's columns.
         scales: 2 (attention at both input sizes, the method) or 1 (the larger size only: the ablation).
         threshold: on the segmenter's foreground probability (default: the one training chose on held-out
-        base-class pairs). verify: an absent word gets an empty mask."""
+        base-class pairs). verify: the gate (a base concept confidently judged absent gets an empty mask);
+        off: never emptied."""
         super().__init__(models, checkpoint=checkpoint, attention=attention, scales=scales, verify=verify)
         if attention not in ATTENTION_VARIANTS:
             raise OvsegError(f"concept_mask attention must be one of {', '.join(ATTENTION_VARIANTS)}, got {attention!r}")
@@ -60,6 +64,10 @@ class ConceptMask(Method):
         self.attention_variant, self.n_scales, self.verify = attention, scales, bool(verify)
         self.scales = tuple(self.model.config["scales"])
         self.threshold = _chosen_threshold(self.model.config, scales) if threshold is None else threshold
+        path = folder / "verification.json"
+        # a model trained before the calibration existed: its one threshold, no gate
+        self.calibrations = CalibrationSet.load(path) if path.is_file() else CalibrationSet(
+            Calibration(self.model.presence_threshold), [], {"note": "uncalibrated: no verification.json"})
 
     @classmethod
     def default_threshold(cls) -> float | None:
@@ -108,8 +116,20 @@ class ConceptMask(Method):
         with torch.no_grad():
             return float(self.model.net.verification(head, att["attention"][s][None], att["word"].vector)[0])
 
+    def verification(self, state: ImageState, concept: str) -> float:
+        """The verification cosine of the word on the image (supplementary 5)."""
+        return self._verification(state, self.attention_maps(state, concept))
+
+    def calibration(self, state: ImageState) -> tuple[Calibration, str]:
+        """The calibration that judges this image (cross-fitted for the images it was fitted on)."""
+        key = ("concept_mask", "calibration", str(self.model.folder))
+        if key not in state.cache:
+            state.cache[key] = self.calibrations.for_image(pixel_key(state.image))
+        return state.cache[key]
+
     def presence(self, state: ImageState, concept, caption=None) -> float:
-        return (1.0 + self._verification(state, self.attention_maps(state, concept))) / 2.0
+        """P(present) from the calibrated verification cosine."""
+        return self.calibration(state)[0].probability(concept, self.verification(state, concept))
 
     def predict(self, state: ImageState, concept, negatives=(), caption=None) -> ConceptResult:
         t0 = time.perf_counter()
@@ -123,25 +143,40 @@ class ConceptMask(Method):
             prob = foreground_probability(self.segmenter(torch.cat(channels, dim=1)))[0]
         p = upsample_map(prob, state.size)
         cosine = self._verification(state, att)
-        present = cosine >= self.model.presence_threshold
+        calibration, fold = self.calibration(state)
+        threshold, own = calibration.threshold(concept)
+        probability = calibration.probability(concept, cosine)
+        present = cosine >= threshold
         mask = p >= self.threshold
-        if self.verify and not present:
+        emptied = self.verify and calibration.empties(concept, cosine)
+        if emptied:
             mask = np.zeros_like(mask)
         attention = upsample_map(att["attention"][self.scales[-1]], state.size)
         for n in negatives:  # pixels where a negative word's attention beats the word's are removed
             mask &= attention >= upsample_map(self.attention_maps(state, n)["attention"][self.scales[-1]], state.size)
-        score = (1.0 + cosine) / 2.0
+        score = probability
         w = att["word"]
+        if emptied:
+            gate = f"emptied: confidently absent (P(present) {probability:.2f} < {calibration.gate:g})"
+        elif not present:
+            gate = ("kept: judged absent, not confidently" if calibration.covers(concept) else
+                    "kept: judged absent, but verification is not calibrated for this word")
+        else:
+            gate = "kept: verified present"
         details = {"word_vector": w.source, "refined_concept": w.refined, "verification_cosine": round(cosine, 4),
-                   "presence_threshold": round(self.model.presence_threshold, 4), "attention": self.attention_variant,
+                   "presence_threshold": round(threshold, 4), "threshold_source": "its own" if own else "shared",
+                   "presence_probability": round(probability, 4), "gate_level": calibration.gate,
+                   "gate": gate, "calibration": fold, "attention": self.attention_variant,
                    "scales": used, "verified_present": bool(present)}
         if not w.refined:
             details.update(nearest_refined=w.neighbour, nearest_similarity=round(w.neighbour_similarity, 3),
                            theta=self.model.theta)
         if w.source == "text encoder":
             details["note"] = "not a tag of the training corpus: its text-encoder vector was mapped into the PMI space"
-        priors = [Prior(upsample_map(att["coarse"][self.scales[-1]], state.size), self.name, concept, "attention", score),
-                  Prior(attention, self.name, concept, "attention_refined", score),
+        absent = "" if present else " (judged absent)"
+        priors = [Prior(upsample_map(att["coarse"][self.scales[-1]], state.size), self.name, concept, "attention", score,
+                        label=f"attention{absent}"),
+                  Prior(attention, self.name, concept, "attention_refined", score, label=f"attention refined{absent}"),
                   Prior(p, self.name, concept, "probability", float(p.max()))]
         return ConceptResult(concept, self.name, np.asarray(mask, dtype=bool), score, bool(present), priors,
                              details=details, ms=(time.perf_counter() - t0) * 1000.0)

@@ -15,7 +15,6 @@ that learned from it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,11 +173,6 @@ class Combiner:
 def relative_mask(p: torch.Tensor, threshold: float) -> torch.Tensor:
     """The mask of a probability map at a threshold relative to its peak."""
     return p >= threshold * p.max().clamp_min(1e-6)
-
-
-def image_key(rgb: np.ndarray) -> str:
-    """A short content hash of decoded pixels: which cross-fitting fold an image belongs to."""
-    return hashlib.sha1(np.ascontiguousarray(rgb).tobytes()).hexdigest()[:16]
 
 
 class CrossFitted:

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from ovseg.core.checkpoints import packaged
 from ovseg.core.errors import OvsegError
 from ovseg.core.methods.base import ImageState, Method
-from ovseg.core.methods.fused.combiner import CrossFitted, image_key, pixel_features, relative_mask
+from ovseg.core.image_io import pixel_key as image_key
+from ovseg.core.methods.fused.combiner import CrossFitted, pixel_features, relative_mask
 from ovseg.core.methods.fused.evidence import Evidence
 from ovseg.core.registry import register_method
 from ovseg.core.types import ConceptResult, Prior, PseudoLabel
