@@ -426,7 +426,7 @@ def test_retrain_fine_tunes_the_class_agnostic_segmenter_too(coco_dataset, predi
     seg = out["segmenter"]
     assert out["version"] not in xpm_before and ck.current_version("xpm") == out["version"]
     assert seg["version"] == expected and ck.current_version("cls_saliency") == expected
-    assert seg["variant"] == "sem2c_neg" and seg["saliency"] == "guided_backprop" and seg["from"] == "packaged"
+    assert seg["variant"] == "sem2c_neg" and seg["saliency"] == "cam" and seg["from"] == "packaged"  # the default
     folder = Path(seg["folder"])
     assert {p.name for p in folder.iterdir()} == {"weights.pt", "config.json", "retrain.json"}
 
@@ -441,7 +441,7 @@ def test_retrain_fine_tunes_the_class_agnostic_segmenter_too(coco_dataset, predi
     assert seg["loss"]["steps"] >= 1 and np.isfinite(seg["loss"]["last_20"])
 
     m = ClsSaliency(predictor.models)
-    shipped = load_segmenter(packaged("cls_saliency", "sem2c_neg"), torch.device("cpu")).state_dict_small()
+    shipped = load_segmenter(packaged("cls_saliency", "sem2c_neg-cam"), torch.device("cpu")).state_dict_small()
     new = m.segmenter.state_dict_small()
     assert any(not torch.equal(v, shipped[k]) for k, v in new.items())
     other = ClsSaliency(predictor.models, variant="sem1c").segmenter.state_dict_small()

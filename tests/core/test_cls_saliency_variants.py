@@ -44,7 +44,7 @@ def test_the_checkpoint_decides_the_variant(predictor):
 def test_variants_share_the_images_saliency_and_use_their_inputs(predictor, examples_dir):
     predictor.set_image(examples_dir / "cat.jpg")
     state = predictor._state
-    full = predictor.predict("cat", methods="cls_saliency[grabcut=off]").results[0]
+    full = predictor.predict("cat", methods="cls_saliency[saliency=guided_backprop,grabcut=off]").results[0]
     computed = set(state.cache["guided_backprop"])
     one = predictor.predict("cat", methods="cls_saliency[variant=sem1c,grabcut=off]").results[0]
     assert set(state.cache["guided_backprop"]) == computed  # S+ came from the cache: no new pass
@@ -84,5 +84,9 @@ def test_cam_priors_are_dense_and_need_no_guided_backprop(predictor, examples_di
     assert "guided_backprop" not in state.cache and r.details["saliency"] == "cam"
     s_pos = r.priors[0].map
     assert s_pos.max() > 0.95 and (s_pos > 0.1).mean() > 0.1  # upsampled to the image: the peak may dip
-    plain = predictor.predict("cat", methods="cls_saliency[grabcut=off]").results[0].priors[0].map
-    assert (s_pos > 0.1).mean() > 3 * (plain > 0.1).mean()
+    plain = predictor.predict("cat", methods="cls_saliency[saliency=guided_backprop,grabcut=off]").results[0]
+    assert (s_pos > 0.1).mean() > 3 * (plain.priors[0].map > 0.1).mean()
+    # the default is the CAM priors; the paper's ablation variants keep the guided backprop they were trained on
+    default = predictor.predict("cat", methods="cls_saliency[grabcut=off]").results[0]
+    assert default.details["saliency"] == "cam" and np.array_equal(default.priors[0].map, s_pos)
+    assert ClsSaliency(predictor.models, variant="sem1c").saliency == "guided_backprop"

@@ -1,5 +1,10 @@
-"""`cls_saliency`: Golub et al., WACV 2020 (seed 002): proxy labels -> guided-backprop saliency priors
-S+ and S- -> class-agnostic segmenter on RGB + S+ + S- -> GrabCut.
+"""`cls_saliency`: Golub et al., WACV 2020 (seed 002): proxy labels -> saliency priors S+ and S- ->
+class-agnostic segmenter on RGB + S+ + S- -> GrabCut.
+
+The paper's priors are guided backpropagation (`saliency=guided_backprop`); through this classifier they are
+nearly the same picture for every class (median correlation of S+ and S- 0.99), so the default is the proxy
+labels' class activation maps (`saliency=cam`, not the paper's), the variant that scores best on held-out
+target classes (README, issue 17). Each result says how much S+ and S- differ (`saliency_correlation`).
 
 Stand-ins: EfficientNet-Lite0 for VGG-19 (guided backprop through its ReLU6s), and an ASPP head on the same
 backbone for DeepLabv3 on ResNet-50; the segmenter is trained on the base classes of coco_dev
@@ -29,6 +34,7 @@ from ovseg.core.ops.segmenter import foreground_probability, load_segmenter
 from ovseg.core.types import ConceptResult, Prior
 
 VARIANT_NEGATIVES = {"sem0c": "none", "sem1c": "none", "sem2c_rand": "random", "sem2c_neg": "classifier"}
+DEFAULT_SALIENCY = "cam"  # the best on held-out target classes; "guided_backprop" is the paper's
 
 
 def checkpoint_name(variant: str = "sem2c_neg", saliency: str = "guided_backprop") -> str:
@@ -45,7 +51,11 @@ def default_checkpoint(variant: str | None = None, saliency: str | None = None) 
         if (variant in (None, trained.get("variant", "sem2c_neg"))
                 and saliency in (None, trained.get("saliency", "guided_backprop"))):
             return current
-    return packaged("cls_saliency", checkpoint_name(variant or "sem2c_neg", saliency or "guided_backprop"))
+    variant = variant or "sem2c_neg"
+    if saliency is None:  # the default prior where a segmenter was trained on it (the paper's ablation: guided)
+        with_default = packaged("cls_saliency", checkpoint_name(variant, DEFAULT_SALIENCY))
+        saliency = DEFAULT_SALIENCY if with_default.is_dir() else "guided_backprop"
+    return packaged("cls_saliency", checkpoint_name(variant, saliency))
 
 
 @register_method("cls_saliency")
@@ -58,10 +68,10 @@ class ClsSaliency(Method):
                  threshold: float = 0.5, k: int = K):
         """variant: the paper's ablation (sem0c: RGB only; sem1c: + S+; sem2c_rand: + S- of random labels;
         sem2c_neg: + S- of the classifier's top unrelated labels, the method and the default). saliency:
-        "guided_backprop" (the paper's), "cam_gated" (S+/S- gated by the same labels' CAM; see
-        `ovseg.core.methods.cls_saliency.saliency.cam_gate`) or "cam" (the labels' CAM itself, `cam_prior`). Both select a
-        packaged checkpoint; a `checkpoint` folder instead brings its own variant and saliency in its
-        config.json."""
+        "cam" (the labels' CAM itself, `cam_prior`; the default), "guided_backprop" (the paper's) or
+        "cam_gated" (guided backprop gated by the same labels' CAM; see
+        `ovseg.core.methods.cls_saliency.saliency.cam_gate`). Both select a packaged checkpoint; a
+        `checkpoint` folder instead brings its own variant and saliency in its config.json."""
         super().__init__(models, variant=variant, saliency=saliency, checkpoint=checkpoint, mapper=mapper,
                          grabcut=grabcut, k=k)
         if variant is not None and variant not in VARIANT_NEGATIVES:
@@ -135,11 +145,21 @@ class ClsSaliency(Method):
                    "negative_proxies": [names[i].name for i in neg_labels],
                    "mapper": proxies.source, "grabcut": self.grabcut.enabled, "variant": self.variant,
                    "saliency": self.saliency}
+        if neg_labels:  # how much S- says that S+ does not: 1 means the same picture
+            details["saliency_correlation"] = round(prior_correlation(s_pos, s_neg), 4)
         if proxies.note:
             details["note"] = proxies.note
         return ConceptResult(concept, self.name, np.asarray(mask, dtype=bool), presence,
                              presence >= PRESENCE_THRESHOLD, priors, details=details,
                              ms=(time.perf_counter() - t0) * 1000.0)
+
+
+def prior_correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Pearson correlation of two maps' pixels (0 where either is constant)."""
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a @ b) / denom) if denom > 0 else 0.0
 
 
 def _probability_mass(state: ImageState, classes) -> float:
