@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(replaces --methods; implies --base-on-held-out)")
     e.add_argument("--base-on-held-out", action="store_true",
                    help="segment base classes only on the images `ovseg train` held out")
+    e.add_argument("--held-out-only", action="store_true",
+                   help="only the images `ovseg train` held out (every class; every figure a held-out one)")
     e.add_argument("--out", required=True, help="output folder for metrics.json, report.md and plots")
     e.add_argument("--limit", type=int, default=None, help="only the first N images (for a quick look)")
     e.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
@@ -174,11 +176,12 @@ def cmd_segment(args) -> int:
         for prior in r.priors:  # a kind a result shows twice (fused's evidence maps) is told apart by its label
             key = prior.kind if kinds.count(prior.kind) == 1 else re.sub(r"[^A-Za-z0-9]+", "_", prior.label).strip("_")
             files[key] = f"{stem}_{key}.png"
-            save_png(out / files[key], prior_overlay(image, prior.map, prior.kind)[0])
+            sparse = r.details.get("saliency", "guided_backprop") != "cam"  # cls_saliency's dense CAM priors: no √
+            save_png(out / files[key], prior_overlay(image, prior.map, prior.kind, sparse)[0])
         instances = []
         for k, pl in enumerate(r.pseudo_labels, 1):  # XPM's instance pseudo-masks, each with its noise map
             name = f"{stem}_pseudo{k}.png"
-            save_png(out / name, pseudo_label_overlay(image, pl))
+            save_png(out / name, pseudo_label_overlay(image, pl, colour_scale=False))  # aligned with the image
             instances.append({"box": [round(v, 1) for v in pl.box], "score": round(pl.score, 5),
                               "reliability": None if pl.reliability is None else round(pl.reliability, 5),
                               "area": round(float(pl.mask.mean()), 5), "file": name})
@@ -204,7 +207,8 @@ def cmd_eval(args) -> int:
         raise ValueError(f"--limit must be at least 1, got {args.limit}")
     metrics, curves = evaluate(args.coco_dir, methods, limit=args.limit, device=args.device,
                                reference=not args.no_reference,
-                               base_on_held_out=args.ablation or args.base_on_held_out)
+                               base_on_held_out=args.ablation or args.base_on_held_out,
+                               held_out_only=args.held_out_only)
     paths = write_report(args.out, metrics, curves)
     print(format_table(metrics))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
@@ -230,7 +234,7 @@ def cmd_proxies(args) -> int:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     models = Models("cpu")
     names = [c.name for c in imagenet_classes()]
-    print(f"| word | WordNet proxy labels (ours) | text-encoder proxy labels |\n|---|---|---|")
+    print("| word | WordNet proxy labels (ours) | text-encoder proxy labels |\n|---|---|---|")
     for word in args.words:
         related, source = wordnet_related(models.lexicon, word)
         if related:

@@ -41,9 +41,10 @@ def heatmap_overlay(image: np.ndarray, prior_map: np.ndarray, alpha: float = 0.5
 STRETCHED_KINDS = {"saliency_positive": "√", "saliency_negative": "√"}
 
 
-def prior_overlay(image: np.ndarray, prior_map: np.ndarray, kind: str) -> tuple[np.ndarray, str]:
-    """The overlay people see for a prior of `kind`, and a note for its caption ("" or "√ scale")."""
-    if kind in STRETCHED_KINDS:
+def prior_overlay(image: np.ndarray, prior_map: np.ndarray, kind: str, stretch: bool = True) -> tuple[np.ndarray, str]:
+    """The overlay people see for a prior of `kind`, and a note for its caption ("" or "√ scale"). stretch:
+    False for a dense map of a stretched kind (cls_saliency's CAM priors)."""
+    if kind in STRETCHED_KINDS and stretch:
         return heatmap_overlay(image, np.sqrt(prior_map)), "√ scale"
     return heatmap_overlay(image, prior_map), ""
 
@@ -73,19 +74,78 @@ def reliability_colour(reliability: float | None) -> tuple[int, int, int]:
     return (int(round(255 * min(1.0, 2 * (1 - r)))), int(round(255 * min(1.0, 2 * r))), 0)
 
 
-def pseudo_label_overlay(image: np.ndarray, label) -> np.ndarray:
-    """One pseudo-label: its noise map as a heatmap inside its mask (the image elsewhere, dimmed), and the
-    mask's outline in its reliability colour."""
+def _text(out: np.ndarray, text: str, org: tuple[int, int], scale: float, rgb=(255, 255, 255)) -> None:
+    """Text with a dark outline, readable on any background."""
+    thick = max(1, round(scale * 2))
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
+    cv2.putText(out, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, tuple(int(c) for c in rgb), thick, cv2.LINE_AA)
+
+
+def _font_scale(width: int) -> float:
+    return max(0.4, width / 1000.0)
+
+
+def with_colour_scale(image: np.ndarray, low: str = "0", high: str = "1", title: str = "") -> np.ndarray:
+    """The image with a strip below it: the heat colours from 0 to 1 and what their ends mean."""
+    h, w = image.shape[:2]
+    bar_h = max(14, h // 24)
+    scale = _font_scale(w)
+    text_h = int(30 * scale) + 8
+    strip = np.full((bar_h + text_h, w, 3), 32, np.uint8)
+    margin = max(4, w // 40)
+    ramp = np.linspace(0.0, 1.0, max(1, w - 2 * margin))[None, :].repeat(bar_h - 4, axis=0)
+    strip[2:bar_h - 2, margin:margin + ramp.shape[1]] = heatmap(ramp)
+    base = bar_h + text_h - 6
+    _text(strip, low, (margin, base), scale)
+    (tw, _), _ = cv2.getTextSize(high, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, round(scale * 2)))
+    _text(strip, high, (w - margin - tw, base), scale)
+    if title:
+        (tw, _), _ = cv2.getTextSize(title, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, round(scale * 2)))
+        _text(strip, title, ((w - tw) // 2, base), scale)
+    return np.concatenate([image, strip], axis=0)
+
+
+def pseudo_label_overlay(image: np.ndarray, label, colour_scale: bool = True) -> np.ndarray:
+    """One pseudo-label: its noise map as a heatmap over its box (inside the mask at full strength, around it
+    fainter; the image elsewhere, dimmed), the mask's outline in its reliability colour, its reliability
+    written at the box's corner, and (colour_scale) the noise colour scale in a strip below the image."""
     out = (image.astype(np.float32) * 0.6).astype(np.uint8)
     m = label.mask.astype(bool)
     if label.noise_map is not None:
         heat = heatmap_overlay(image, label.noise_map, alpha=0.6)
+        near = (label.noise_map > 0) & ~m  # disagreement around the mask: pixels the other views claim
+        out[near] = ((heat[near].astype(np.float32) + out[near]) / 2).astype(np.uint8)
         out[m] = heat[m]
     else:
         out[m] = image[m]
     rgb = reliability_colour(label.reliability)
     contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(out, contours, -1, rgb, max(2, round(max(m.shape) / 200)))
+    if label.reliability is not None and label.box is not None:
+        x0, y0 = int(label.box[0]), int(label.box[1])
+        scale = _font_scale(out.shape[1])
+        text = f"reliability {label.reliability:.2f}"
+        (tw, th), _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, max(1, round(scale * 2)))
+        x = max(2, min(x0 + 2, out.shape[1] - tw - 4))  # inside the image, at the box's corner where it fits
+        _text(out, text, (x, max(th + 4, y0 - 6)), scale, rgb)
+    if label.noise_map is not None and colour_scale:
+        return with_colour_scale(out, "agree", "disagree", "noise")
+    return out
+
+
+def side_by_side(left: np.ndarray, right: np.ndarray, left_title: str, right_title: str,
+                 footer: str = "") -> np.ndarray:
+    """Two equally sized images next to each other, each titled, with an optional line below."""
+    scale = _font_scale(left.shape[1])
+    gap = np.full((left.shape[0], max(4, left.shape[1] // 80), 3), 255, np.uint8)
+    a, b = left.copy(), right.copy()
+    _text(a, left_title, (8, int(32 * scale) + 4), scale * 1.2)
+    _text(b, right_title, (8, int(32 * scale) + 4), scale * 1.2)
+    out = np.concatenate([a, gap, b], axis=1)
+    if footer:
+        strip = np.full((int(40 * scale) + 12, out.shape[1], 3), 32, np.uint8)
+        _text(strip, footer, (8, strip.shape[0] - 10), scale * 1.2)
+        out = np.concatenate([out, strip], axis=0)
     return out
 
 

@@ -58,8 +58,8 @@ def has_grabcut(method: str) -> bool:
 
 
 # The saliency priors a method with a `saliency` option can use, as (label shown, option value).
-SALIENCY_CHOICES = [("guided backprop (the paper's)", "guided_backprop"), ("CAM-gated guided backprop", "cam_gated"),
-                    ("class activation maps (dense)", "cam")]
+SALIENCY_CHOICES = [("class activation maps (dense)", "cam"), ("guided backprop (the paper's)", "guided_backprop"),
+                    ("CAM-gated guided backprop", "cam_gated")]
 
 
 def default_threshold(method: str) -> float | None:

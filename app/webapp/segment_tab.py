@@ -7,6 +7,7 @@ import math
 from ovseg.app.webapp.common import (MAX_WORDS, NO_IMAGE, READY, SALIENCY_CHOICES, check_threshold,
                                      default_threshold, error_status, example_images, has_grabcut, has_option, md)
 from ovseg.app.webapp.engine import Engine
+from ovseg.core.methods.cls_saliency.method import DEFAULT_SALIENCY
 from ovseg.core.concepts import parse_concepts
 from ovseg.core.errors import OvsegError
 from ovseg.core.registry import available_methods
@@ -14,27 +15,53 @@ from ovseg.core.registry import available_methods
 
 def gallery_items(out, image) -> list[tuple]:
     """Per word: each prior as a heatmap overlay, then the mask overlay, with readable captions."""
-    from ovseg.app.render import NOISY_BELOW, colour, mask_overlay, prior_overlay, pseudo_label_overlay
+    from ovseg.app.render import (NOISY_BELOW, colour, mask_overlay, prior_overlay, pseudo_label_overlay,
+                                  side_by_side, with_colour_scale)
 
     words = list(dict.fromkeys(r.concept for r in out.results))
     items = []
     for r in out.results:
+        pair = {p.kind: p for p in r.priors if p.kind in ("saliency_positive", "saliency_negative")}
+        sparse = r.details.get("saliency", "guided_backprop") != "cam"  # guided backprop: shown through a √
+        if len(pair) == 2:  # Golub et al.'s S+ and S-, side by side: how different they are is the point
+            (left, note), (right, _) = (prior_overlay(image, pair[k].map, k, sparse)
+                                        for k in ("saliency_positive", "saliency_negative"))
+            corr = r.details.get("saliency_correlation")
+            footer = f"correlation of S+ and S-: {corr:.2f}" if corr is not None else ""
+            items.append((side_by_side(left, right, "S+ (the word)", "S- (distractors)", footer),
+                          f"{r.concept} · S+ | S- ({r.details.get('saliency', '')}{', ' + note if note else ''})"
+                          + (f" · correlation {corr:.2f}" if corr is not None else "")))
         for prior in r.priors:
+            if prior.kind in pair and len(pair) == 2:
+                continue
             score = r.score if math.isnan(prior.score) else prior.score
-            overlay, note = prior_overlay(image, prior.map, prior.kind)
+            overlay, note = prior_overlay(image, prior.map, prior.kind, sparse)
+            if prior.kind == "noise":
+                overlay = with_colour_scale(overlay, "agree", "disagree", "noise")
             kind = prior.label + (f" ({note})" if note else "")
             items.append((overlay, f"{r.concept} · {kind} · score {score:.2f}"))
         rgb = tuple(int(c) for c in colour(words.index(r.concept)))
-        items.append((mask_overlay(image, r.mask, rgb), f"{r.concept} · mask · {r.ms:.0f} ms"))
+        items.append((mask_overlay(image, r.mask, rgb), f"{r.concept} · mask · {r.ms:.0f} ms{_verdict(r)}"))
         # each instance pseudo-label (XPM): noise map inside the mask, outline coloured by reliability,
         # the least reliable first so that the noisy ones stand out
         order = sorted(r.pseudo_labels, key=lambda pl: 1.0 if pl.reliability is None else pl.reliability)
         for k, pl in enumerate(order, 1):
             rel = "" if pl.reliability is None else f" · reliability {pl.reliability:.2f}"
-            flag = " · NOISY" if pl.reliability is not None and pl.reliability < NOISY_BELOW else ""
+            # the flag follows the value shown (0.497 shows as 0.50: not noisy)
+            flag = " · NOISY" if pl.reliability is not None and round(pl.reliability, 2) < NOISY_BELOW else ""
             items.append((pseudo_label_overlay(image, pl),
                           f"{r.concept} · pseudo-mask {k} · score {pl.score:.2f}{rel}{flag}"))
     return items
+
+
+def _verdict(r) -> str:
+    """Concept verification against its threshold, for the mask's caption ("" for methods without it)."""
+    d = r.details
+    if "verification_cosine" not in d:
+        return ""
+    verdict = "present" if d.get("verified_present") else "absent"
+    return (f" · verification {d['verification_cosine']:.2f} vs threshold {d['presence_threshold']:.2f}"
+            f" ({d.get('threshold_source', 'shared')}) → {verdict}; {d.get('gate', '')}")
 
 
 def _cell(value) -> str:
@@ -131,10 +158,11 @@ def segment_tab(gr, engine: Engine, methods: list[str], first: str) -> None:
             grabcut = gr.Checkbox(True, label="GrabCut post-processing", elem_id="grabcut",
                                   visible=has_grabcut(first),
                                   info="off: the segmenter's probability >= the mask threshold")
-            saliency = gr.Radio(SALIENCY_CHOICES, value="guided_backprop", label="Saliency priors",
+            saliency = gr.Radio(SALIENCY_CHOICES, value=DEFAULT_SALIENCY, label="Saliency priors",
                                 elem_id="saliency", visible=has_option(first, "saliency"),
-                                info="CAM-gated: S+/S- weighted by the proxy labels' class activation "
-                                     "maps; CAM: those maps themselves (both not in the paper)")
+                                info="CAM: the proxy labels' class activation maps (the default, the best on "
+                                     "unseen words); CAM-gated: guided backprop weighted by them (both not in "
+                                     "the paper)")
             button = gr.Button("Segment", variant="primary", elem_id="segment-btn")
         with gr.Column(scale=3, min_width=360):
             gallery = gr.Gallery(label="Results", elem_id="results", columns=2, interactive=False,

@@ -114,26 +114,31 @@ def _segment(page, words: str, images: int) -> list[str]:
 def test_saliency_method_shows_both_priors_proxy_labels_and_a_grabcut_switch(page):
     from playwright.sync_api import expect
 
-    _upload(page, EXAMPLES / "cat.jpg")
-    expect(page.locator("#grabcut")).to_be_hidden()  # cam has no GrabCut step
+    _upload(page, EXAMPLES / "astronaut.jpg")
+    expect(page.locator("#grabcut")).to_be_hidden()  # the default, fused, has no GrabCut step
     _choose_method(page, "cls_saliency")
     expect(page.locator("#grabcut")).to_be_visible()
-    captions = _segment(page, "cat", images=4)
-    assert [c.split(" · ")[1] for c in captions] == [
-        "saliency positive (√ scale)", "saliency negative (√ scale)", "probability", "mask"
-    ], captions
+    expect(page.locator("#saliency")).to_be_visible()
+    captions = _segment(page, "rocket", images=3)
+    # S+ and S- side by side, with how much they differ; the default priors are the labels' CAMs
+    assert [c.split(" · ")[1] for c in captions] == ["S+ | S- (cam)", "probability", "mask"], captions
+    correlation = float(captions[0].split("correlation ")[1])
+    assert -1.0 <= correlation < 0.5, captions  # the rocket's labels and the distractors light up apart
     status = _status(page)
-    assert "positive proxies" in status and "negative proxies" in status and "cat" in status, status
+    assert "positive proxies" in status and "negative proxies" in status and "rocket" in status, status
+    assert "saliency correlation" in status, status
     _wait_for_result_images(page)
     _screenshot(page, "app_cls_saliency.png")
-    # the class-discriminative option: the same word with CAM-gated priors, said so in the table
-    expect(page.locator("#saliency")).to_be_visible()
-    page.locator("#saliency").get_by_label("CAM-gated guided backprop").check()
+    # the paper's guided backprop: the same picture twice, which its correlation says
+    page.locator("#saliency").get_by_label("guided backprop (the paper's)").check()
     page.click("#segment-btn")
-    expect(page.locator("#status")).to_contain_text("cam_gated", timeout=SEGMENT_TIMEOUT_MS)
-    expect(page.locator("#results .thumbnail-item img")).to_have_count(4)
+    expect(page.locator("#status")).to_contain_text("guided_backprop", timeout=SEGMENT_TIMEOUT_MS)
+    expect(page.locator("#results .thumbnail-item img")).to_have_count(3)
+    guided = page.locator("#results .caption-label").all_inner_texts()
+    assert guided[0].split(" · ")[1] == "S+ | S- (guided_backprop, √ scale)", guided
+    assert float(guided[0].split("correlation ")[1]) > correlation, (guided, captions)
     _wait_for_result_images(page)
-    _screenshot(page, "app_cls_saliency_cam_gated.png")
+    _screenshot(page, "app_cls_saliency_guided.png")
 
 
 @pytest.mark.browser
@@ -143,12 +148,19 @@ def test_concept_mask_shows_coarse_and_refined_attention_the_mask_and_presence(p
     _upload(page, EXAMPLES / "cat.jpg")
     _choose_method(page, "concept_mask")
     expect(page.locator("#saliency")).to_be_hidden()
-    captions = _segment(page, "cat, zebra", images=8)
+    captions = _segment(page, "cat, dog, pizza", images=12)
     assert [c.split(" · ")[:2] for c in captions[:4]] == [
         ["cat", "attention"], ["cat", "attention refined"], ["cat", "probability"], ["cat", "mask"]
     ], captions
+    # the verification score against its threshold, and what the gate did, on each mask
+    by_word = {c.split(" · ")[0]: c for c in captions if c.split(" · ")[1] == "mask"}
+    assert "verification" in by_word["cat"] and "→ present; kept: verified present" in by_word["cat"], by_word
+    assert "(shared) → absent; kept" in by_word["dog"] and "not calibrated" in by_word["dog"], by_word
+    assert "(its own) → absent; emptied" in by_word["pizza"], by_word
+    assert [c.split(" · ")[1] for c in captions if c.startswith("pizza")][:2] == [
+        "attention (judged absent)", "attention refined (judged absent)"], captions
     status = _status(page)
-    assert "verification cosine" in status and "verified present" in status, status
+    assert "verification cosine" in status and "presence threshold" in status and "gate" in status, status
     _wait_for_result_images(page)
     _screenshot(page, "app_concept_mask.png")
 
@@ -164,13 +176,18 @@ def test_xpm_shows_each_pseudo_mask_with_its_noise_map_and_reliability(page):
                            timeout=SEGMENT_TIMEOUT_MS)
     captions = page.locator("#results .caption-label").all_inner_texts()
     assert [c.split(" · ")[:2] for c in captions[:3]] == [["cat", "probability"], ["cat", "noise"], ["cat", "mask"]]
+    # the noise map comes with its colour scale: a strip below the image
+    _wait_for_result_images(page)
+    sizes = page.evaluate("Array.from(document.querySelectorAll('#results .thumbnail-item img'))"
+                          ".map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes[1][0] == sizes[0][0] and sizes[1][1] > sizes[0][1], sizes
     pseudo = captions[3:]
     assert pseudo and all(c.startswith("cat · pseudo-mask ") and "reliability" in c for c in pseudo), captions
     reliabilities = [float(c.split("reliability ")[1].split(" ")[0]) for c in pseudo]
     assert reliabilities == sorted(reliabilities)  # the least reliable first
     assert all(("NOISY" in c) == (r < 0.5) for c, r in zip(pseudo, reliabilities))
     status = _status(page)
-    assert "selected by" in status and "reliability" in status, status
+    assert "selected by" in status and "reliability" in status and "agreement of student and teacher" in status
     _wait_for_result_images(page)
     _screenshot(page, "app_xpm.png")
 
