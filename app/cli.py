@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
                         "(replaces --methods; implies --base-on-held-out)")
     e.add_argument("--base-on-held-out", action="store_true",
                    help="segment base classes only on the images `ovseg train` held out")
+    e.add_argument("--no-captions", action="store_true",
+                   help="do not give the methods each image's captions (captions.json)")
     e.add_argument("--held-out-only", action="store_true",
                    help="only the images `ovseg train` held out (every class; every figure a held-out one)")
     e.add_argument("--out", required=True, help="output folder for metrics.json, report.md and plots")
@@ -208,7 +210,7 @@ def cmd_eval(args) -> int:
     metrics, curves = evaluate(args.coco_dir, methods, limit=args.limit, device=args.device,
                                reference=not args.no_reference,
                                base_on_held_out=args.ablation or args.base_on_held_out,
-                               held_out_only=args.held_out_only)
+                               held_out_only=args.held_out_only, captions=not args.no_captions)
     paths = write_report(args.out, metrics, curves)
     print(format_table(metrics))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

@@ -117,18 +117,20 @@ class Predictor:
             raise OvsegError("no image set: call set_image(image) before predict()")
         return self._state
 
-    def presence(self, concepts, method: str | None = None, caption: str | None = None) -> dict[str, float]:
-        """{word: presence score in [0, 1]} of one method on the current image, without computing masks."""
+    def presence(self, concepts, method: str | None = None, caption=None) -> dict[str, float]:
+        """{word: presence score in [0, 1]} of one method on the current image, without computing masks.
+        caption: as `predict` takes it."""
         state = self._require_state()
         positives, _ = parse_concepts(concepts)
         m = self.method(method or self.methods[0])
+        caption = _caption_text(caption)
         return {w: m.presence(state, w, caption) for w in positives}
 
     def predict(
         self,
         concepts,
         negatives=(),
-        caption: str | None = None,
+        caption=None,
         methods=None,
     ) -> Prediction:
         """Run each method on each concept of the current image.
@@ -136,19 +138,33 @@ class Predictor:
         Args:
             concepts: "dog, frisbee, -person" or a list of words; words with a leading '-' are negatives.
             negatives: more negative words (regions to exclude): "dog, cat" or a list.
-            caption: an optional caption of the image (used by the caption methods, ignored by others).
+            caption: an optional caption of the image, or several (a list, or one per line); the caption
+                methods read them (cap2seg: each caption's priors), the others ignore them.
             methods: method specs, or "cam,cls_saliency[grabcut=off]" (see `method`); default: the
                 Predictor's `methods` (`fused` unless it was built with others).
         """
         state = self._require_state()
         positives, inline_negatives = parse_concepts(concepts)
         negs = tuple(n for n in dict.fromkeys(inline_negatives + parse_words(negatives or ())) if n not in positives)
-        if caption is not None and not isinstance(caption, str):
-            raise OvsegError(f"caption must be a string, got {type(caption).__name__}")
-        caption = caption.strip() or None if caption else None
+        caption = _caption_text(caption)
         results = []
         for name in parse_methods(methods) if methods else self.methods:
             method = self.method(name)
             for concept in positives:
                 results.append(method.predict(state, concept, negs, caption))
         return Prediction(image_size=state.size, results=results, negatives=negs, caption=caption)
+
+
+def _caption_text(caption) -> str | None:
+    """One caption, several (a list or tuple of strings), or None -> the methods' form: the captions one per
+    line, or None when there is none."""
+    if caption is None:
+        return None
+    if isinstance(caption, str):
+        lines = caption.splitlines()
+    elif isinstance(caption, (list, tuple)) and all(isinstance(c, str) for c in caption):
+        lines = [line for c in caption for line in c.splitlines()]
+    else:
+        raise OvsegError(f"caption must be a string or a list of strings, got {type(caption).__name__}")
+    text = "\n".join(line.strip() for line in lines if line.strip())
+    return text or None

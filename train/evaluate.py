@@ -260,6 +260,7 @@ def evaluate(
     reference: bool = True,
     base_on_held_out: bool = False,
     held_out_only: bool = False,
+    captions: bool = True,
 ) -> tuple[dict, dict]:
     """Run the protocol; returns (metrics, pr_curves) in the layout `ovseg.app.report.write_report` takes.
 
@@ -267,7 +268,9 @@ def evaluate(
     work, so an ablation costs little more than its most expensive member. base_on_held_out: segment
     base classes only on the held-out images of the training split (target classes on every image, as no
     trained part has seen them); the default segments every pair and reports the held-out base figure
-    beside the full one. held_out_only: only the held-out images (every figure is then a held-out one)."""
+    beside the full one. held_out_only: only the held-out images (every figure is then a held-out one).
+    captions: give every method each image's captions from captions.json (one per line), as a user of the
+    caption box would; the caption methods (cap2seg) read them, the others ignore them."""
     import sys
 
     from PIL import Image as PILImage
@@ -314,13 +317,15 @@ def evaluate(
                    and (c in TARGET_CLASSES or is_held_out or not base_on_held_out)]
         for c in present:
             pairs["target" if c in TARGET_CLASSES else "base"] += 1
+        caption = "\n".join(dataset.captions(image_id)) if captions else None
         for m in methods:
             t0 = time.perf_counter()
-            acc[m].add_presence(predictor.presence(words, m), targets, is_held_out)  # every class: presence AP
+            # every class: presence AP
+            acc[m].add_presence(predictor.presence(words, m, caption=caption or None), targets, is_held_out)
             elapsed = time.perf_counter() - t0
             if present:  # masks only where the class is there: concept mIoU
                 t0 = time.perf_counter()
-                prediction = predictor.predict(present, methods=[m])
+                prediction = predictor.predict(present, methods=[m], caption=caption or None)
                 elapsed_masks = time.perf_counter() - t0
                 acc[m].ms_concept.append(elapsed_masks * 1000.0 / len(present))
                 elapsed += elapsed_masks
@@ -379,6 +384,7 @@ def evaluate(
         "dataset": {"root": str(Path(root).resolve()), "images": len(ids), "pairs_target": pairs["target"],
                     "pairs_base": pairs["base"], "held_out_images": len(held_out.intersection(ids)),
                     "base_on_held_out_only": base_on_held_out, "images_listed": listed,
+                    "captions_given": bool(captions),
                     "skipped_images": skipped},
         "methods": out_methods,
         "reference": {

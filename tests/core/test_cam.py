@@ -141,6 +141,11 @@ def test_predict_bad_words_and_caption(cat):
         cat.predict("cat", caption=42)
     assert cat.predict("cat", caption="  ").caption is None
     assert cat.predict("cat", caption=" a cat ").caption == "a cat"
+    # several captions: a list, or one per line; blank ones dropped
+    assert cat.predict("cat", caption=["a cat ", "", " a tabby"]).caption == "a cat\na tabby"
+    assert cat.predict("cat", caption="a cat\n\n a tabby").caption == "a cat\na tabby"
+    with pytest.raises(OvsegError, match="caption must be a string or a list"):
+        cat.predict("cat", caption=["a cat", 3])
     with pytest.raises(KeyError, match="unknown method"):
         cat.predict("cat", methods="nope")
 
