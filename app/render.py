@@ -185,3 +185,23 @@ def file_stems(texts) -> dict[str, str]:
     if len(set(stems.values())) < len(stems):  # a hashed stem equal to another text's plain one: number them
         stems = {t: f"{s}-{i}" for i, (t, s) in enumerate(stems.items())}
     return stems
+
+def with_stripe_bars(image: np.ndarray, stripes, title: str = "caption says") -> np.ndarray:
+    """The image with a panel on its right: one bar per horizontal stripe (top first), as long as the share of
+    the word's pixels the caption puts there (Cap2Seg's stripe distribution), with its value."""
+    h, w = image.shape[:2]
+    k = len(stripes)
+    panel_w = max(120, w // 3)
+    panel = np.full((h, panel_w, 3), 32, np.uint8)
+    scale = _font_scale(w)
+    edges = np.linspace(0, h, k + 1).round().astype(int)
+    top = float(max(stripes)) if len(stripes) else 1.0
+    for j, v in enumerate(stripes):
+        y0, y1 = edges[j], edges[j + 1]
+        length = int((panel_w - 16) * float(v) / max(top, 1e-6))
+        colour_ = heatmap(np.array([[float(v) / max(top, 1e-6)]]))[0, 0]
+        cv2.rectangle(panel, (8, y0 + 3), (8 + length, y1 - 3), tuple(int(c) for c in colour_), -1)
+        cv2.line(panel, (0, y1 - 1), (panel_w, y1 - 1), (90, 90, 90), 1)
+        _text(panel, f"{float(v):.2f}", (12, (y0 + y1) // 2 + int(10 * scale)), scale)
+    _text(panel, title, (8, int(28 * scale) + 2), scale * 0.9)
+    return np.concatenate([image, panel], axis=1)

@@ -16,7 +16,7 @@ from ovseg.core.registry import available_methods
 def gallery_items(out, image) -> list[tuple]:
     """Per word: each prior as a heatmap overlay, then the mask overlay, with readable captions."""
     from ovseg.app.render import (NOISY_BELOW, colour, mask_overlay, prior_overlay, pseudo_label_overlay,
-                                  side_by_side, with_colour_scale)
+                                  side_by_side, with_colour_scale, with_stripe_bars)
 
     words = list(dict.fromkeys(r.concept for r in out.results))
     items = []
@@ -38,6 +38,8 @@ def gallery_items(out, image) -> list[tuple]:
             overlay, note = prior_overlay(image, prior.map, prior.kind, sparse)
             if prior.kind == "noise":
                 overlay = with_colour_scale(overlay, "agree", "disagree", "noise")
+            if prior.kind == "caption" and r.details.get("stripes"):  # Cap2Seg: where the caption puts the word
+                overlay = with_stripe_bars(overlay, r.details["stripes"])
             kind = prior.label + (f" ({note})" if note else "")
             items.append((overlay, f"{r.concept} · {kind} · score {score:.2f}"))
         rgb = tuple(int(c) for c in colour(words.index(r.concept)))

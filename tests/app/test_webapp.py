@@ -193,6 +193,31 @@ def test_xpm_shows_each_pseudo_mask_with_its_noise_map_and_reliability(page):
 
 
 @pytest.mark.browser
+def test_cap2seg_reads_the_caption_box_and_draws_where_the_caption_puts_the_word(page):
+    from playwright.sync_api import expect
+
+    _upload(page, EXAMPLES / "cat.jpg")
+    _choose_method(page, "cap2seg")
+    captions = _segment(page, "cat", images=2)  # no caption: the class probability and the mask, said so
+    assert [c.split(" · ")[1] for c in captions] == ["class probability (eq. 12)", "mask"], captions
+    expect(page.locator("#status")).to_contain_text("no caption")
+    page.locator("#caption textarea").fill("A cat lying on a blanket next to a remote control.")
+    page.click("#segment-btn")
+    expect(page.locator("#status")).to_contain_text("caption occurrence", timeout=SEGMENT_TIMEOUT_MS)
+    expect(page.locator("#results .thumbnail-item img")).to_have_count(3)
+    captions = page.locator("#results .caption-label").all_inner_texts()
+    assert [c.split(" · ")[1] for c in captions] == ["caption prior: stripes", "class probability (eq. 12)",
+                                                      "mask"], captions
+    status = _status(page)
+    assert "stripes" in status and "competing classes" in status, status
+    _wait_for_result_images(page)
+    sizes = page.evaluate("Array.from(document.querySelectorAll('#results .thumbnail-item img'))"
+                          ".map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes[0][0] > sizes[1][0] and sizes[0][1] == sizes[1][1], sizes  # the stripe bars beside the image
+    _screenshot(page, "app_cap2seg.png")
+
+
+@pytest.mark.browser
 def test_bad_upload_gives_a_readable_message(page, tmp_path):
     from playwright.sync_api import expect
 

@@ -1,0 +1,491 @@
+"""`ovseg train cap2seg`: Cap2Seg's contextual entailment model (seed 000, sec. 3.3.1-3.3.2, 4.2, 5.1).
+
+1. Data (the default split's training images): every (caption, seen class) pair is a question CEQ(x, c)
+   (eq. 1). Its occurrence label is whether the base class is annotated in the image (eq. 3); for a present
+   class, its stripe distribution (eq. 4) comes from the class's mask, decoded by `training_mask` after
+   `assert_no_target_annotations`. No mask or box of a target class is read in training; captions that name
+   target classes are kept (that is the point of the paper).
+2. Fitting (eq. 6, L = L_o + L_s): each epoch takes every caption with all its present base classes and
+   `negatives` absent base classes drawn at random (all 48 negatives per caption would cost 48 x 1015 pairs an
+   epoch on a CPU; the paper uses every pair). Adam as sec. 4.2, but lr 1e-4 on the top transformer layers (the
+   paper: 3e-5 on all of BERT, for many more steps) and 1e-3 on the new heads.
+   Curriculum (sec. 5.1, Fig. 3): the seen classes are ranked by how often the captions of an image holding them
+   name them (exact match); the easiest third is active in the first third of the epochs, the easy and medium
+   two thirds in the second, all classes after that.
+3. Table 1 on the held-out images only (never trained on): per target class, AP over held-out images of the
+   image's score, the mean over its captions of each method's per-caption score; mAP over the hard, medium and
+   easy thirds of the 17 target classes. Split rule (the paper's Fig. 3 quantity): a target class's mention rate
+   is the share of the captions of training images containing it that name it (exact match); the 17 classes
+   sorted by it are cut 6 hard (lowest), 5 medium, 6 easy. That reads which target classes the training images
+   contain (category labels, never a mask or box) and only to group the evaluation. The stripe cosine (Table 3,
+   "global" branch) compares H_s, averaged over the image's captions, with eq. 4 of the target mask, decoded
+   here at evaluation only, on held-out images only.
+4. The checkpoint (`--out`): the fine-tuned top layers and the heads in half precision (`entailment.pt`),
+   `config.json` and `training.json` (data, losses, seconds, Table 1, stripe cosines).
+
+Rows CE and CE + multi-scale are ablations trained only for Table 1 (`--no-ablation` skips them); the checkpoint
+is the configuration the flags ask for (default: multi-scale and curriculum, the paper's full model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ovseg.core.cache import atomic_write_json, replaced_folder
+from ovseg.core.errors import OvsegError
+from ovseg.core.methods.cap2seg.entailment import (ContextualEntailment, EntailmentConfig, TraditionalZSL,
+                                                   description, exact_match, joint_loss, sentence_pooling_scores,
+                                                   stripe_cosine, stripe_distribution)
+from ovseg.core.models import Models
+from ovseg.core.ops.metrics import average_precision
+from ovseg.train.coco import (BASE_CLASSES, HOLDOUT_FRACTION, SPLIT_SEED, TARGET_CLASSES, CocoConceptDataset,
+                              assert_no_target_annotations, split_image_ids, training_mask)
+from ovseg.train.registry import register_trainer
+
+log = logging.getLogger(__name__)
+
+LEVELS = ("hard", "medium", "easy")
+ROWS = ("exact_match", "sentence_pooling", "traditional_zsl", "ce", "ce_multiscale", "ce_multiscale_curriculum")
+
+
+@dataclass
+class TrainConfig:
+    coco_dir: str
+    out: str
+    epochs: int = 3
+    batch_size: int = 32
+    negatives: int = 6  # absent base classes drawn per caption and epoch
+    lr_encoder: float = 1e-4
+    lr_heads: float = 1e-3
+    trainable_layers: int = 2
+    multiscale: bool = True
+    multiscale_layers: tuple[int, ...] = (2, 4, 6)
+    curriculum: bool = True
+    description: str = "name"
+    k: int = 5
+    ablation: bool = True  # also train the CE and CE + multi-scale rows of Table 1
+    evaluate: bool = True
+    zsl_steps: int = 300
+    holdout_fraction: float = HOLDOUT_FRACTION
+    seed: int = SPLIT_SEED
+    max_images: int | None = None  # only the first N training images (quick runs)
+    max_eval_images: int | None = None  # only the first N held-out images
+    segmentation: bool = True  # also train sec. 3.6's segmentation model (two networks: lambda 0.01 and 0)
+    seg_epochs: int = 6
+    entailment_from: str | None = None  # reuse the entailment model of this cap2seg folder (no refit, no Table 1)
+
+    def entailment_config(self, multiscale: bool) -> EntailmentConfig:
+        return EntailmentConfig(trainable_layers=self.trainable_layers,
+                                multiscale_layers=tuple(self.multiscale_layers) if multiscale else None,
+                                description=self.description, k=self.k)
+
+
+# ------------------------------------------------------------------------------------------------- data
+@dataclass
+class CaptionedImage:
+    """One training image: its captions, its present base classes and their eq. 4 stripe distributions."""
+
+    image_id: int
+    captions: list[str]
+    present: list[str]
+    stripes: dict[str, np.ndarray]
+
+
+def training_images(dataset: CocoConceptDataset, ids: list[int], k: int, progress: bool) -> list[CaptionedImage]:
+    """The captioned training images with their base-class labels and stripe distributions. `dataset` must score
+    BASE_CLASSES only; each present class's mask comes from `training_mask` (which refuses a target class)."""
+    from tqdm import tqdm
+
+    assert_no_target_annotations(dataset.classes)
+    out = []
+    for image_id in tqdm(ids, desc="cap2seg: base masks", unit="img", disable=not progress):
+        captions = dataset.captions(image_id)
+        if not captions:
+            continue
+        present = [n for n in dataset.classes_present(image_id) if n in BASE_CLASSES]
+        assert_no_target_annotations(present)
+        stripes = {n: stripe_distribution(training_mask(dataset, image_id, n), k) for n in present}
+        out.append(CaptionedImage(int(image_id), captions, present, stripes))
+    if not out:
+        raise OvsegError(f"no captioned training image in {dataset.root}: cap2seg needs captions.json")
+    return out
+
+
+def mention_rates(images: list[tuple[list[str], set[str]]], classes) -> dict[str, dict]:
+    """Per class: the images containing it, their captions, and the share of those captions that name it
+    (`exact_match`): the paper's "probability of being directly mentioned by captions" (Fig. 3).
+
+    Args:
+        images: (captions, the classes the image contains) per image.
+    """
+    out = {}
+    for name in classes:
+        caps = [c for captions, present in images if name in present for c in captions]
+        hits = sum(exact_match(c, name) for c in caps)
+        out[name] = {"images": sum(name in present for _, present in images), "captions": len(caps),
+                     "mention_rate": round(hits / len(caps), 4) if caps else 0.0}
+    return out
+
+
+def difficulty_split(rates: dict[str, dict]) -> dict[str, list[str]]:
+    """Classes sorted by mention rate (ties by name) cut into thirds: hard (least named), medium, easy; with
+    17 classes 6 / 5 / 6 (the middle third takes the remainder's shortfall)."""
+    order = sorted(rates, key=lambda n: (rates[n]["mention_rate"], n))
+    n = len(order)
+    a, b = round(n / 3), n - round(n / 3)
+    return {"hard": order[:a], "medium": order[a:b], "easy": order[b:]}
+
+
+def epoch_pairs(images: list[CaptionedImage], active: list[str], negatives: int, rng: np.random.Generator,
+                k: int) -> list[tuple]:
+    """(caption, class, present, stripe truth) for every caption: its present active classes and `negatives`
+    absent active ones drawn at random (an absent pair's stripe truth is zeros: L_s skips it)."""
+    pairs = []
+    zeros = np.zeros(k)
+    active_set = set(active)
+    for img in images:
+        pos = [n for n in img.present if n in active_set]
+        absent = [n for n in active if n not in img.stripes]
+        for caption in img.captions:
+            neg = list(rng.choice(absent, size=min(negatives, len(absent)), replace=False)) if absent else []
+            pairs += [(caption, n, 1.0, img.stripes[n]) for n in pos]
+            pairs += [(caption, str(n), 0.0, zeros) for n in neg]
+    rng.shuffle(pairs)
+    return pairs
+
+
+def pair_loss(model: ContextualEntailment, pairs: list[tuple], batch_size: int = 64) -> dict:
+    """Mean L, L_o, L_s (eq. 6, 3, 5) over fixed pairs, without dropout or gradients."""
+    was = model.training
+    model.eval()
+    tot = {"loss": 0.0, "occurrence": 0.0, "stripe": 0.0}
+    n_all, n_pos = 0, 0
+    with torch.no_grad():
+        for i in range(0, len(pairs), batch_size):
+            batch = pairs[i : i + batch_size]
+            occ, st, present, truth = _forward(model, batch)
+            _, lo, ls = joint_loss(occ, st, present, truth)
+            tot["occurrence"] += float(lo) * len(batch)
+            tot["stripe"] += float(ls) * float(present.sum())
+            n_all += len(batch)
+            n_pos += int(present.sum())
+    model.train(was)
+    out = {"occurrence": tot["occurrence"] / max(n_all, 1), "stripe": tot["stripe"] / max(n_pos, 1)}
+    out["loss"] = out["occurrence"] + out["stripe"]
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def _forward(model: ContextualEntailment, batch: list[tuple]):
+    captions = [p[0] for p in batch]
+    descs = [description(p[1], model.config.description) for p in batch]
+    occ, st = model(captions, descs)
+    present = torch.tensor([p[2] for p in batch], device=model.device)
+    truth = torch.tensor(np.stack([p[3] for p in batch]), dtype=torch.float32, device=model.device)
+    return occ, st, present, truth
+
+
+def fit_entailment(encoder, images: list[CaptionedImage], cfg: TrainConfig, multiscale: bool,
+                   curriculum: dict[str, list[str]] | None, label: str, progress: bool) -> tuple[ContextualEntailment, dict]:
+    """Fine-tune one entailment model on the training images (eq. 6). Returns it and its loss record."""
+    from tqdm import tqdm
+
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = ContextualEntailment(encoder, cfg.entailment_config(multiscale)).train()
+    enc_params, head_params = model.trained_parameters()
+    groups = [{"params": head_params, "lr": cfg.lr_heads}]
+    if enc_params:
+        groups.append({"params": enc_params, "lr": cfg.lr_encoder})
+    opt = torch.optim.Adam(groups)
+    probe = epoch_pairs(images, list(BASE_CLASSES), cfg.negatives, np.random.default_rng(cfg.seed + 1),
+                        cfg.k)[:512]
+    record = {"probe_pairs": len(probe), "probe_before": pair_loss(model, probe), "epochs": []}
+    t0 = time.perf_counter()
+    for epoch in range(cfg.epochs):
+        if curriculum:
+            stage = min(2, epoch * 3 // max(cfg.epochs, 1))
+            active = [n for level in ("easy", "medium", "hard")[: stage + 1] for n in curriculum[level]]
+        else:
+            active = list(BASE_CLASSES)
+        active = [n for n in BASE_CLASSES if n in set(active)]
+        pairs = epoch_pairs(images, active, cfg.negatives, rng, cfg.k)
+        sums = np.zeros(3)
+        bar = tqdm(range(0, len(pairs), cfg.batch_size), desc=f"cap2seg: {label} epoch {epoch + 1}/{cfg.epochs}",
+                   unit="batch", disable=not progress)
+        first_batch = None
+        for i in bar:
+            batch = pairs[i : i + cfg.batch_size]
+            occ, st, present, truth = _forward(model, batch)
+            loss, lo, ls = joint_loss(occ, st, present, truth)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sums += np.array([loss.item(), lo.item(), ls.item()]) * len(batch)
+            if first_batch is None:
+                first_batch = round(loss.item(), 4)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+        n = max(len(pairs), 1)
+        record["epochs"].append({"active_classes": len(active), "pairs": len(pairs), "first_batch_loss": first_batch,
+                                 "mean_loss": round(sums[0] / n, 4), "mean_occurrence": round(sums[1] / n, 4),
+                                 "mean_stripe": round(sums[2] / n, 4)})
+    record["probe_after"] = pair_loss(model, probe)
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    return model.eval(), record
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def target_stripe_truth(dataset: CocoConceptDataset, image_id: int, name: str, held_out: set[int], k: int) -> np.ndarray:
+    """Eq. 4 of a class's non-crowd mask on a held-out image: evaluation only (refuses a training image)."""
+    if int(image_id) not in held_out:
+        raise RuntimeError(f"image {image_id} is a training image: target masks are read on held-out images only")
+    h, w = dataset.image_size(image_id)
+    mask = np.zeros((h, w), dtype=bool)
+    for ann in dataset.annotations(image_id):
+        if dataset.coco.cats[ann["category_id"]]["name"] == name and not ann.get("iscrowd", 0):
+            mask |= dataset.coco.annToMask(ann).astype(bool)
+    return stripe_distribution(mask, k)
+
+
+def table_row(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], split: dict[str, list[str]]) -> dict:
+    """AP per target class (over held-out images) and mAP per difficulty level; "average" is the mean of the
+    three levels (as the paper's Table 1), "all" the mean over every class with a positive image."""
+    ap = {n: average_precision(scores[n], labels[n]) for n in scores}
+    row = {}
+    for level in LEVELS:
+        vals = [ap[n] for n in split[level] if not np.isnan(ap[n])]
+        row[level] = round(100 * float(np.mean(vals)), 1) if vals else None
+    levels = [row[lv] for lv in LEVELS if row[lv] is not None]
+    row["average"] = round(float(np.mean(levels)), 1) if levels else None
+    valid = [v for v in ap.values() if not np.isnan(v)]
+    row["all"] = round(100 * float(np.mean(valid)), 1) if valid else None
+    row["ap"] = {n: (None if np.isnan(v) else round(100 * v, 1)) for n, v in ap.items()}
+    return row
+
+
+def image_scores(per_caption: np.ndarray, owners: np.ndarray, n_images: int) -> np.ndarray:
+    """(captions, C) per-caption scores -> (images, C): the mean over each image's captions."""
+    out = np.zeros((n_images, per_caption.shape[1]), np.float64)
+    np.add.at(out, owners, per_caption)
+    return out / np.bincount(owners, minlength=n_images)[:, None]
+
+
+def evaluate(cfg: TrainConfig, models: Models, zsl: TraditionalZSL, entailment: dict[str, ContextualEntailment],
+             split: dict[str, list[str]], held_ids: list[int]) -> dict:
+    """Table 1 and the stripe cosines on the held-out images (module docstring, step 3)."""
+    targets = CocoConceptDataset(cfg.coco_dir, classes=TARGET_CLASSES, image_ids=held_ids)
+    held = set(held_ids)
+    ids = [i for i in held_ids if targets.captions(i)]
+    captions, owners = [], []
+    for j, image_id in enumerate(ids):
+        for c in targets.captions(image_id):
+            captions.append(c)
+            owners.append(j)
+    owners = np.array(owners)
+    names = list(TARGET_CLASSES)
+    labels = {n: np.array([n in targets.classes_present(i) for i in ids]) for n in names}
+    per_caption = {
+        "exact_match": np.array([[exact_match(c, n) for n in names] for c in captions]),
+        "sentence_pooling": sentence_pooling_scores(captions, names, models.embed_words),
+        "traditional_zsl": zsl.scores(models.text_encoder.embed(captions), models.embed_words(names)),
+    }
+    stripes = {}
+    for row, model in entailment.items():
+        flat_caps = [c for c in captions for _ in names]
+        flat_names = [n for _ in captions for n in names]
+        occ, st = model.predict(flat_caps, flat_names)
+        per_caption[row] = occ.reshape(len(captions), len(names))
+        stripes[row] = st.reshape(len(captions), len(names), -1)
+    table = {}
+    for row, pc in per_caption.items():
+        s = image_scores(pc, owners, len(ids))
+        table[row] = table_row({n: s[:, j] for j, n in enumerate(names)}, labels, split)
+    # stripe cosine on held-out (image, target class) pairs; ground truth decoded here only
+    pairs = [(j, i, n) for j, i in enumerate(ids) for n in names if labels[n][j]]
+    truth = [target_stripe_truth(targets, i, n, held, cfg.k) for _, i, n in pairs]
+    uniform = np.full(cfg.k, 1.0 / cfg.k)
+    cos = {"pairs": len(pairs), "uniform": round(float(np.mean([stripe_cosine(uniform, t) for t in truth])), 4)
+           if truth else None}
+    for row, st in stripes.items():
+        img = np.zeros((len(ids), len(names), cfg.k))
+        np.add.at(img, owners, st)
+        img /= np.bincount(owners, minlength=len(ids))[:, None, None]
+        vals = [stripe_cosine(img[j, names.index(n)], t) for (j, _, n), t in zip(pairs, truth)]
+        cos[row] = round(float(np.mean(vals)), 4) if vals else None
+    return {"images": len(ids), "captions": len(captions),
+            "positives": {n: int(labels[n].sum()) for n in names}, "table1": table, "stripe_cosine": cos}
+
+
+# ------------------------------------------------------------------------------------------------ train
+def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.negatives < 0:
+        raise OvsegError(f"need epochs >= 1, batch_size >= 1 and negatives >= 0, got {cfg.epochs}, "
+                         f"{cfg.batch_size}, {cfg.negatives}")
+    dataset = CocoConceptDataset(cfg.coco_dir, classes=BASE_CLASSES)
+    train_ids, held_ids = split_image_ids(dataset.image_ids, cfg.holdout_fraction, cfg.seed)
+    all_train_ids = train_ids
+    train_ids = [i for i in train_ids if dataset.captions(i)]  # only captioned images make questions
+    held_ids = [i for i in held_ids if dataset.captions(i)]
+    train_ids = train_ids[: cfg.max_images] if cfg.max_images else train_ids
+    held_ids = held_ids[: cfg.max_eval_images] if cfg.max_eval_images else held_ids
+    images = training_images(dataset, train_ids, cfg.k, progress)
+    t_data = time.perf_counter() - t_start
+
+    # curriculum over the seen classes: their mention rates on the training captions
+    base_rates = mention_rates([(img.captions, set(img.present)) for img in images], BASE_CLASSES)
+    curriculum = difficulty_split({n: r for n, r in base_rates.items() if r["images"]})
+    unseen_in_data = [n for n, r in base_rates.items() if not r["images"]]
+    curriculum["easy"] = curriculum["easy"] + unseen_in_data  # only negatives: active from the start
+
+    models = Models("cpu")
+    encoder = models.text_encoder
+    names = list(BASE_CLASSES)
+    # traditional ZSL: a projection of the frozen caption embedding, fitted over the seen classes on 80% of the
+    # training images and early-stopped on the other 20% (seen classes only; no held-out image is used)
+    caps = [c for img in images for c in img.captions]
+    zsl_val = set(np.random.default_rng(cfg.seed).permutation(len(images))[: max(1, len(images) // 5)].tolist())
+    cap_emb = encoder.embed(caps)
+    present = torch.tensor([[float(n in img.stripes) for n in names] for img in images for _ in img.captions])
+    in_val = torch.tensor([j in zsl_val for j, img in enumerate(images) for _ in img.captions])
+    if len(images) < 2:
+        in_val[:] = False
+    zsl = TraditionalZSL(encoder.dim)
+    zsl_record = zsl.fit(cap_emb[~in_val], models.embed_words(names), present[~in_val], steps=cfg.zsl_steps,
+                         validation=(cap_emb[in_val], present[in_val]) if in_val.any() else None)
+
+    if cfg.entailment_from:
+        return _with_entailment_from(cfg, models, dataset, all_train_ids, progress, t_start)
+    variants = {"ce_multiscale_curriculum": (True, True)} if (cfg.multiscale and cfg.curriculum) else {}
+    if not variants:
+        key = "ce_multiscale" if cfg.multiscale else ("ce_curriculum" if cfg.curriculum else "ce")
+        variants[key] = (cfg.multiscale, cfg.curriculum)
+    final_row = next(iter(variants))
+    if cfg.ablation:
+        variants = {"ce": (False, False), "ce_multiscale": (True, False), **variants}
+    fitted, records = {}, {}
+    for row, (ms, cl) in variants.items():
+        fitted[row], records[row] = fit_entailment(encoder, images, cfg, ms, curriculum if cl else None, row, progress)
+    t_fit = time.perf_counter() - t_start - t_data
+
+    results = None
+    if cfg.evaluate:
+        t0 = time.perf_counter()
+        targets_all = CocoConceptDataset(cfg.coco_dir, classes=TARGET_CLASSES)
+        train_set = set(all_train_ids)
+        target_rates = mention_rates(
+            [(targets_all.captions(i), set(targets_all.classes_present(i))) for i in targets_all.image_ids
+             if i in train_set], TARGET_CLASSES)
+        split = difficulty_split(target_rates)
+        results = evaluate(cfg, models, zsl, fitted, split, held_ids)
+        results.update(split=split, split_rule=(
+            "target classes sorted by mention rate (share of the captions of training images containing the "
+            "class that name it, exact match); lowest 6 hard, middle 5 medium, top 6 easy"),
+            target_mention_rates=target_rates, seconds=round(time.perf_counter() - t0, 1))
+
+    final = fitted[final_row]
+    summary = {
+        "data": {"coco_dir": str(Path(cfg.coco_dir).resolve()), "training_images": len(images),
+                 "training_captions": len(caps), "present_base_pairs": sum(len(i.present) for i in images),
+                 "held_out_images": len(held_ids),
+                 "held_out_ids_sha1": hashlib.sha1(json.dumps(sorted(held_ids)).encode()).hexdigest(),
+                 "classes": "base classes only: their labels and masks; no target mask or box is read in training"},
+        "checkpoint_row": final_row,
+        "curriculum": curriculum, "base_mention_rates": base_rates,
+        "losses": records, "traditional_zsl_loss": {
+            "first": round(zsl_record["train"][0], 4), "last": round(zsl_record["train"][-1], 4),
+            "best_step": zsl_record["best_step"],
+            "validation_best": round(min(zsl_record["validation"]), 4) if zsl_record["validation"] else None},
+        "evaluation": results,
+        "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1), "total": round(time.perf_counter() - t_start, 1)},
+        "torch": torch.__version__,
+    }
+    return _save(cfg, final, final_row, summary, models, all_train_ids, progress, t_start)
+
+
+def _save(cfg: TrainConfig, final: ContextualEntailment, final_row: str, summary: dict, models: Models,
+          all_train_ids: list[int], progress: bool, t_start: float) -> Path:
+    """The entailment model, sec. 3.6's segmentation networks (trained here, on the entailment model's priors)
+    and the config and summary, into a fresh folder swapped in for cfg.out when everything is written."""
+    from ovseg.train.methods.cap2seg_segmentation import SegTrainConfig, train_segmentation
+
+    out = Path(cfg.out)
+    with replaced_folder(out) as tmp:
+        final.save(tmp)
+        if cfg.segmentation:
+            t0 = time.perf_counter()
+            seg_ids = all_train_ids[: cfg.max_images] if cfg.max_images else all_train_ids
+            summary["segmentation"] = train_segmentation(
+                CocoConceptDataset(cfg.coco_dir), seg_ids, models, final, tmp,
+                SegTrainConfig(epochs=cfg.seg_epochs, seed=cfg.seed), progress)
+            summary["seconds"]["segmentation"] = round(time.perf_counter() - t0, 1)
+        summary["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
+        atomic_write_json(tmp / "config.json", {"train": asdict(cfg), "entailment": asdict(final.config),
+                                                "row": final_row, "classes_seen": list(BASE_CLASSES),
+                                                "description_example": description("couch", final.config.description)})
+        atomic_write_json(tmp / "training.json", summary)
+    log.info("saved %s", out)
+    return out
+
+
+def _with_entailment_from(cfg: TrainConfig, models: Models, dataset, all_train_ids: list[int], progress: bool,
+                          t_start: float) -> Path:
+    """Reuse a trained entailment model (`--entailment-from FOLDER`, a cap2seg folder this trainer wrote):
+    its Table 1 and losses are carried over from its training.json; only the segmentation model is trained."""
+    source = Path(cfg.entailment_from)
+    final = ContextualEntailment.load(source, models.text_encoder)
+    previous = json.loads((source / "training.json").read_text()) if (source / "training.json").is_file() else {}
+    previous_config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
+    summary = {**{k: v for k, v in previous.items() if k not in ("seconds", "segmentation")},
+               "entailment_from": str(source), "entailment_seconds": previous.get("seconds", {}),
+               "seconds": {}}
+    return _save(cfg, final, previous_config.get("row", "reused"), summary, models, all_train_ids, progress, t_start)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig("", "")
+    p.add_argument("--coco", default="../shared/data/coco_dev", help="COCO folder (images/, instances.json, captions.json)")
+    p.add_argument("--out", default="assets/checkpoints/cap2seg", help="model folder (replaced when done)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help=f"pairs per step (default {d.batch_size})")
+    p.add_argument("--negatives", type=int, default=d.negatives,
+                   help=f"absent base classes drawn per caption and epoch (default {d.negatives})")
+    p.add_argument("--trainable-layers", type=int, default=d.trainable_layers,
+                   help=f"top transformer layers fine-tuned (default {d.trainable_layers})")
+    p.add_argument("--no-multiscale", action="store_true", help="phi from the top layer only")
+    p.add_argument("--no-curriculum", action="store_true", help="every seen class active from the first epoch")
+    p.add_argument("--description", choices=("name", "gloss"), default=d.description,
+                   help="description(c): the class name (default) or the name with its WordNet gloss")
+    p.add_argument("--no-ablation", action="store_true",
+                   help="skip the CE and CE + multi-scale rows of Table 1 (about a third of the time each)")
+    p.add_argument("--no-eval", action="store_true", help="skip Table 1 and the stripe cosines")
+    p.add_argument("--max-images", type=int, default=None, help="only the first N training images (quick runs)")
+    p.add_argument("--max-eval-images", type=int, default=None, help="only the first N held-out images")
+    p.add_argument("--no-segmentation", action="store_true", help="skip sec. 3.6's segmentation model")
+    p.add_argument("--seg-epochs", type=int, default=d.seg_epochs,
+                   help=f"epochs of the segmentation model (default {d.seg_epochs})")
+    p.add_argument("--entailment-from", default=None,
+                   help="reuse the entailment model of this cap2seg folder and train only the segmentation model")
+
+
+def run(args) -> Path:
+    return train(TrainConfig(coco_dir=args.coco, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
+                             negatives=args.negatives, trainable_layers=args.trainable_layers,
+                             multiscale=not args.no_multiscale, curriculum=not args.no_curriculum,
+                             description=args.description, ablation=not args.no_ablation,
+                             evaluate=not args.no_eval, max_images=args.max_images,
+                             max_eval_images=args.max_eval_images, segmentation=not args.no_segmentation,
+                             seg_epochs=args.seg_epochs, entailment_from=args.entailment_from))
+
+
+register_trainer("cap2seg", "Cap2Seg's contextual entailment (caption occurrence and stripe priors; base classes)",
+                 add_arguments, run)
