@@ -139,7 +139,8 @@ def _threshold_options(methods: list[str], threshold: float | None) -> dict:
 def cmd_segment(args) -> int:
     from tqdm import tqdm
 
-    from ovseg.app.render import colour, file_stems, mask_overlay, prior_overlay, pseudo_label_overlay, save_png
+    from ovseg.app.render import (colour, file_stems, mask_overlay, prior_overlay, pseudo_label_overlay, save_png,
+                                  sparse_saliency)
     from ovseg.core.cache import atomic_write_json
     from ovseg.core.concepts import parse_concepts
     from ovseg.core.predictor import Predictor
@@ -178,8 +179,7 @@ def cmd_segment(args) -> int:
         for prior in r.priors:  # a kind a result shows twice (fused's evidence maps) is told apart by its label
             key = prior.kind if kinds.count(prior.kind) == 1 else re.sub(r"[^A-Za-z0-9]+", "_", prior.label).strip("_")
             files[key] = f"{stem}_{key}.png"
-            sparse = r.details.get("saliency", "guided_backprop") != "cam"  # cls_saliency's dense CAM priors: no √
-            save_png(out / files[key], prior_overlay(image, prior.map, prior.kind, sparse)[0])
+            save_png(out / files[key], prior_overlay(image, prior.map, prior.kind, sparse_saliency(r.details))[0])
         instances = []
         for k, pl in enumerate(r.pseudo_labels, 1):  # XPM's instance pseudo-masks, each with its noise map
             name = f"{stem}_pseudo{k}.png"

@@ -41,6 +41,12 @@ def heatmap_overlay(image: np.ndarray, prior_map: np.ndarray, alpha: float = 0.5
 STRETCHED_KINDS = {"saliency_positive": "√", "saliency_negative": "√"}
 
 
+def sparse_saliency(details: dict) -> bool:
+    """Whether a result's saliency priors are sparse guided-backprop maps (shown through a √), not
+    cls_saliency's dense CAM priors (shown as they are)."""
+    return details.get("saliency", "guided_backprop") != "cam"
+
+
 def prior_overlay(image: np.ndarray, prior_map: np.ndarray, kind: str, stretch: bool = True) -> tuple[np.ndarray, str]:
     """The overlay people see for a prior of `kind`, and a note for its caption ("" or "√ scale"). stretch:
     False for a dense map of a stretched kind (cls_saliency's CAM priors)."""

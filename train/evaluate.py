@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ovseg.core.ops.boxes import box_region
 from ovseg.core.ops.metrics import (auroc, average_precision, harmonic_mean, mask_iou, precision_recall_curve,
                                     soft_iou, spearman)
 from ovseg.core.predictor import Predictor
@@ -99,11 +100,7 @@ class _Scores:
                                 "target": concept in TARGET_CLASSES})
             if pl.noise_map is None or pl.box is None:
                 continue
-            x0, y0, x1, y1 = pl.box
-            dx, dy = (x1 - x0) / 8, (y1 - y0) / 8
-            H, W = gt.shape
-            sl = (slice(max(0, int(y0 - dy)), min(H, int(np.ceil(y1 + dy)))),
-                  slice(max(0, int(x0 - dx)), min(W, int(np.ceil(x1 + dx)))))
+            sl = box_region(pl.box, gt.shape, 0.25)
             ok = valid[sl].ravel()
             wrong = (pl.mask[sl] != candidates[best][sl]).ravel()[ok]
             noise = pl.noise_map[sl].ravel()[ok]
@@ -374,8 +371,9 @@ def evaluate(
             "mask_precision": _split_mean(s.precision),
             "mask_recall": _split_mean(s.recall),
         }
-        if s.explanations():
-            out_methods[m]["explanations"] = s.explanations()
+        explanations = s.explanations()
+        if explanations:
+            out_methods[m]["explanations"] = explanations
         if s.pointing:
             out_methods[m]["attention"] = {kind: {"pointing_game": _class_mean(s.pointing[kind]),
                                                   "soft_iou": _split_mean(s.soft_iou[kind])}

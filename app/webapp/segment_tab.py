@@ -16,13 +16,13 @@ from ovseg.core.registry import available_methods
 def gallery_items(out, image) -> list[tuple]:
     """Per word: each prior as a heatmap overlay, then the mask overlay, with readable captions."""
     from ovseg.app.render import (NOISY_BELOW, colour, mask_overlay, prior_overlay, pseudo_label_overlay,
-                                  side_by_side, with_colour_scale, with_stripe_bars)
+                                  side_by_side, sparse_saliency, with_colour_scale, with_stripe_bars)
 
     words = list(dict.fromkeys(r.concept for r in out.results))
     items = []
     for r in out.results:
         pair = {p.kind: p for p in r.priors if p.kind in ("saliency_positive", "saliency_negative")}
-        sparse = r.details.get("saliency", "guided_backprop") != "cam"  # guided backprop: shown through a √
+        sparse = sparse_saliency(r.details)
         if len(pair) == 2:  # Golub et al.'s S+ and S-, side by side: how different they are is the point
             (left, note), (right, _) = (prior_overlay(image, pair[k].map, k, sparse)
                                         for k in ("saliency_positive", "saliency_negative"))

@@ -132,3 +132,13 @@ def clip_boxes(boxes: torch.Tensor, image_hw: tuple[int, int]) -> torch.Tensor:
 def flip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
     """Mirror boxes left-right in an image of this width."""
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+def box_region(box, hw: tuple[int, int], grow: float = 0.25) -> tuple[slice, slice]:
+    """(row slice, column slice) of an (x0, y0, x1, y1) pixel box enlarged by `grow` of its sides (half on each
+    side), clipped to an image of size hw."""
+    H, W = hw
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dx, dy = grow * (x1 - x0) / 2, grow * (y1 - y0) / 2
+    return (slice(max(0, int(y0 - dy)), min(H, int(np.ceil(y1 + dy)))),
+            slice(max(0, int(x0 - dx)), min(W, int(np.ceil(x1 + dx)))))

@@ -167,6 +167,21 @@ def average_precision(scores, labels) -> float:
     return float(np.sum(delta_recall * precision))
 
 
+def best_f1_threshold(scores, labels, decimals: int | None = None, default: float = 0.5) -> tuple[float, float]:
+    """(threshold, F1) of the rule "present where score >= threshold" with the best F1 over the distinct scores
+    (rounded to `decimals` when given, fewer to try); ties go to the lowest threshold. `default` (F1 0) when
+    there is no score. Concept Mask's per-concept presence thresholds (supplementary 5) are chosen this way."""
+    scores, labels = _validated_scores_labels(scores, labels)
+    candidates = np.unique(np.round(scores, decimals) if decimals is not None else scores)
+    best_t, best_f1 = float(default), -1.0
+    for t in candidates:
+        pred = scores >= t
+        f1 = 2.0 * float((pred & labels).sum()) / max(int(pred.sum() + labels.sum()), 1)
+        if f1 > best_f1:
+            best_t, best_f1 = float(t), f1
+    return best_t, max(best_f1, 0.0)
+
+
 def auroc(scores, labels) -> float:
     """Area under the ROC curve: the probability that a random positive scores above a random negative (ties
     count one half; the Mann-Whitney U statistic). NaN without both classes."""

@@ -5,7 +5,8 @@ import hashlib
 import numpy as np
 import pytest
 
-from ovseg.core.methods.concept_mask.verification import (Calibration, CalibrationSet, best_f1_threshold,
+from ovseg.core.ops.metrics import best_f1_threshold
+from ovseg.core.methods.concept_mask.verification import (Calibration, CalibrationSet,
                                                           fit_calibration, fit_cross_fitted, fit_logistic)
 
 

@@ -348,6 +348,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     curriculum["easy"] = curriculum["easy"] + unseen_in_data  # only negatives: active from the start
 
     models = Models("cpu")
+    if cfg.entailment_from:  # only the segmentation model is trained: no baseline or entailment fit
+        return _with_entailment_from(cfg, models, all_train_ids, progress, t_start)
     encoder = models.text_encoder
     names = list(BASE_CLASSES)
     # traditional ZSL: a projection of the frozen caption embedding, fitted over the seen classes on 80% of the
@@ -363,8 +365,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     zsl_record = zsl.fit(cap_emb[~in_val], models.embed_words(names), present[~in_val], steps=cfg.zsl_steps,
                          validation=(cap_emb[in_val], present[in_val]) if in_val.any() else None)
 
-    if cfg.entailment_from:
-        return _with_entailment_from(cfg, models, dataset, all_train_ids, progress, t_start)
     variants = {"ce_multiscale_curriculum": (True, True)} if (cfg.multiscale and cfg.curriculum) else {}
     if not variants:
         key = "ce_multiscale" if cfg.multiscale else ("ce_curriculum" if cfg.curriculum else "ce")
@@ -437,7 +437,7 @@ def _save(cfg: TrainConfig, final: ContextualEntailment, final_row: str, summary
     return out
 
 
-def _with_entailment_from(cfg: TrainConfig, models: Models, dataset, all_train_ids: list[int], progress: bool,
+def _with_entailment_from(cfg: TrainConfig, models: Models, all_train_ids: list[int], progress: bool,
                           t_start: float) -> Path:
     """Reuse a trained entailment model (`--entailment-from FOLDER`, a cap2seg folder this trainer wrote):
     its Table 1 and losses are carried over from its training.json; only the segmentation model is trained."""

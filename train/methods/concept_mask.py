@@ -43,7 +43,7 @@ from ovseg.core.methods.concept_mask.losses import (C_MATCH, N_TOP, box_loss, ga
 from ovseg.core.methods.concept_mask.embedding_net import EmbeddingNet, cosine_embedding_loss, normalise_maps
 from ovseg.core.models.imagenet import imagenet_classes
 from ovseg.core.methods.base import upsample_map
-from ovseg.core.ops.metrics import mask_iou, soft_iou
+from ovseg.core.ops.metrics import best_f1_threshold, mask_iou, soft_iou
 from ovseg.core.models import Models
 from ovseg.core.methods.concept_mask.pmi import TagEmbedding, fit_linear_map, idf, pmi_embedding, pmi_matrix, soft_topic
 from ovseg.core.ops.segmenter import SegmenterConfig, foreground_probability, save_segmenter
@@ -282,9 +282,10 @@ def choose_theta(att: AttentionNet, tags: TagEmbedding, refined: list[str], held
 
 
 def choose_presence_threshold(att: AttentionNet, tags: TagEmbedding, held: list[dict], refined: list[str]) -> dict:
-    """Supplementary 5 with one threshold for all concepts (per-concept thresholds would need validation images
-    of the target classes): verification scores of every refined concept on every held-out image, positives
-    the base classes present; the threshold with the best F1."""
+    """Supplementary 5 with one threshold for all concepts, kept in config.json (the method uses it only for a
+    model without verification.json; `calibrate_verification` fits the per-concept ones): verification scores
+    of every refined concept on every held-out image, positives the base classes present; the threshold with
+    the best F1."""
     scores, labels = [], []
     with torch.no_grad():
         for s in held:
@@ -296,14 +297,8 @@ def choose_presence_threshold(att: AttentionNet, tags: TagEmbedding, held: list[
                 scores.append(float(att.verification(head, normalise_maps(ref[k])[None], w)[0]))
                 labels.append(name in s["masks"])
     scores, labels = np.array(scores), np.array(labels)
-    best = (0.0, 0.0)
-    for t in np.unique(scores):
-        pred = scores >= t
-        tp = float((pred & labels).sum())
-        f1 = 2 * tp / max(pred.sum() + labels.sum(), 1)
-        if f1 > best[0]:
-            best = (f1, float(t))
-    return {"presence_threshold": best[1], "presence_f1_held_out_base": round(best[0], 4),
+    threshold, f1 = best_f1_threshold(scores, labels)
+    return {"presence_threshold": threshold, "presence_f1_held_out_base": round(f1, 4),
             "positives": int(labels.sum()), "negatives": int((~labels).sum())}
 
 

@@ -33,7 +33,7 @@ from ovseg.core.methods.fused.combiner import (PIXEL_EXPERTS, PRESENCE_EXPERTS, 
                                                save, word_features)
 from ovseg.core.methods.fused.evidence import Evidence
 from ovseg.core.models import Models
-from ovseg.core.ops.metrics import average_precision
+from ovseg.core.ops.metrics import average_precision, best_f1_threshold
 from ovseg.train.coco import (BASE_CLASSES, HOLDOUT_FRACTION, SPLIT_SEED, CocoConceptDataset,
                               assert_no_target_annotations, split_image_ids, training_mask)
 from ovseg.train.registry import register_trainer
@@ -168,19 +168,8 @@ def fit_combiner(images: list[dict], cfg: TrainConfig) -> Combiner:
     for expert, names in PRESENCE_EXPERTS.items():
         x, y = presence_rows(images, names)
         presence[expert] = Logistic.fit(names, x, y, cfg.l2)
-        present_at[expert] = best_f1_threshold(presence[expert](x).numpy(), y.numpy() > 0.5)
+        present_at[expert] = best_f1_threshold(presence[expert](x).numpy(), y.numpy() > 0.5, decimals=3)[0]
     return Combiner(pixel, presence, thresholds, present_at)
-
-
-def best_f1_threshold(p: np.ndarray, y: np.ndarray) -> float:
-    """The presence threshold with the best F1 (supplementary 5 of Concept Mask)."""
-    best = (-1.0, 0.5)
-    for t in np.unique(np.round(p, 3)):
-        pred = p >= t
-        f1 = 2 * float((pred & y).sum()) / max(int(pred.sum() + y.sum()), 1)
-        if f1 > best[0]:
-            best = (f1, float(t))
-    return best[1]
 
 
 def folds_of(images: list[dict], k: int, seed: int) -> list[list[dict]]:

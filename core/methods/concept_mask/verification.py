@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ovseg.core.ops.metrics import best_f1_threshold
+
 MIN_POSITIVES = 3
 GATE_LEVELS = (0.01, 0.02, 0.05, 0.1, 0.2)
 GATE_PRECISION = 0.99
@@ -54,7 +56,7 @@ class Calibration:
 
     def covers(self, concept: str) -> bool:
         """Whether the calibration set scored this concept (whose gate may then empty its mask)."""
-        return concept in self.thresholds or concept in self.covered
+        return concept in self.covered
 
     def empties(self, concept: str, cosine: float) -> bool:
         """Whether the gate empties the concept's mask: only for a covered concept judged absent with
@@ -68,17 +70,6 @@ class Calibration:
     def from_dict(cls, d: dict) -> "Calibration":
         return cls(float(d["global_threshold"]), {k: float(v) for k, v in d.get("thresholds", {}).items()},
                    float(d["slope"]), float(d["intercept"]), float(d["gate"]), list(d.get("covered", [])))
-
-
-def best_f1_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    """(threshold, F1) of the score threshold with the best F1 (ties: the lowest threshold)."""
-    best = (float(scores.min()) if len(scores) else 0.0, 0.0)
-    for t in np.unique(scores):
-        pred = scores >= t
-        f1 = 2.0 * float((pred & labels).sum()) / max(int(pred.sum() + labels.sum()), 1)
-        if f1 > best[1]:
-            best = (float(t), f1)
-    return best
 
 
 def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-3, steps: int = 50) -> tuple[float, float]:

@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovseg.core.ops.boxes import nms, paste_masks, rescale_boxes
+from ovseg.core.ops.boxes import box_region, nms, paste_masks, rescale_boxes
 from ovseg.core.models.caption_nouns import object_nouns
 from ovseg.core.checkpoints import in_use
 from ovseg.core.errors import OvsegError
@@ -192,8 +192,7 @@ class XPM(Method):
             m = probs[k] >= 0.5
             if not m.any():
                 continue
-            x0, y0, x1, y1 = (float(v) for v in img["image_boxes"][keep[k]])
-            region = _enlarged(x0, y0, x1, y1, (H, W))
+            region = box_region(img["image_boxes"][keep[k]].tolist(), (H, W), BOX_CONTEXT)
             alpha = view_agreement(probs[k][region], [v[region] for v in views])
             own = np.zeros((H, W), np.float32)  # the instance's noise map: the spread in its (enlarged) box
             own[region] = noise_map[region]
@@ -243,13 +242,6 @@ def view_agreement(prob: np.ndarray, views: list[np.ndarray]) -> float:
         union = float(np.maximum(prob, v).sum())
         scores.append(float(np.minimum(prob, v).sum()) / union if union > 0 else 1.0)
     return float(np.clip(np.mean(scores), 0.0, 1.0)) if scores else 1.0
-
-
-def _enlarged(x0: float, y0: float, x1: float, y1: float, hw) -> tuple[slice, slice]:
-    H, W = hw
-    dx, dy = BOX_CONTEXT * (x1 - x0) / 2, BOX_CONTEXT * (y1 - y0) / 2
-    return (slice(max(0, int(y0 - dy)), min(H, int(np.ceil(y1 + dy)))),
-            slice(max(0, int(x0 - dx)), min(W, int(np.ceil(x1 + dx)))))
 
 
 def _flipped_features(models, state: ImageState):
