@@ -15,6 +15,7 @@ PRIOR_KINDS = (
     "saliency_positive",  # S+ (Golub et al.)
     "saliency_negative",  # S-
     "caption",  # caption prior (Cap2Seg)
+    "local",  # a prior from the known classes around (Cap2Seg's local branch)
     "probability",  # a segmenter's foreground probability
     "noise",  # per-pixel noise map (XPM)
     "group",  # group assignment (OVSegmentor)

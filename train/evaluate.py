@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ovseg.core.methods.cap2seg.entailment import stripe_cosine, stripe_distribution
 from ovseg.core.ops.boxes import box_region
 from ovseg.core.ops.metrics import (auroc, average_precision, harmonic_mean, mask_iou, precision_recall_curve,
                                     soft_iou, spearman)
@@ -55,6 +56,7 @@ class _Scores:
         self.scores = defaultdict(list)  # class -> presence score per image
         self.labels = defaultdict(list)
         self.held_out = defaultdict(list)  # class -> whether each presence score's image was held out
+        self.captioned = defaultdict(list)  # class -> whether each presence score's image had captions given
         self.ms_concept: list[float] = []
         self.seconds = 0.0
         self.pointing = defaultdict(lambda: defaultdict(list))  # prior kind -> class -> hit (0/1) per pair
@@ -64,12 +66,14 @@ class _Scores:
         self.pseudo = []  # per pseudo-label with a reliability: {"reliability", "iou", "target"}
         self.noise_scores, self.noise_wrong = [], []  # sampled pixels of pseudo-labels' boxes: noise, is wrong
         self.correlations = defaultdict(list)  # "target"/"base" -> S+/S- correlation per pair (cls_saliency)
+        self.stripe_cosines = defaultdict(list)  # "<details key>/<split>" -> cosine with eq. 4 per pair (cap2seg)
 
-    def add_presence(self, scores: dict[str, float], targets, held_out: bool = False) -> None:
+    def add_presence(self, scores: dict[str, float], targets, held_out: bool = False, captioned: bool = False) -> None:
         for c, s in scores.items():
             self.scores[c].append(s)
             self.labels[c].append(c in targets.gt)
             self.held_out[c].append(held_out)
+            self.captioned[c].append(captioned)
 
     def add_mask(self, concept: str, mask: np.ndarray, targets, held_out: bool = False) -> None:
         gt = targets.gt[concept]
@@ -132,6 +136,10 @@ class _Scores:
                                        "auroc_wrong": auroc(scores, wrong),
                                        "constant_map_fraction": float(np.mean([np.ptp(n) == 0
                                                                                for n in self.noise_scores]))}
+        for key, values in sorted(self.stripe_cosines.items()):
+            name, split = key.split("/")
+            out.setdefault("caption_stripe_cosine", {}).setdefault(name, {})[split] = {
+                "mean": float(np.mean(values)), "pairs": len(values)}
         for split, values in self.correlations.items():
             if values:
                 out.setdefault("saliency_correlation", {})[split] = {"median": float(np.median(values)),
@@ -201,14 +209,18 @@ def _instance_masks(dataset: CocoConceptDataset, image_id: int, name: str) -> li
             if dataset._cat_name[a["category_id"]] == name and not a.get("iscrowd", 0)]
 
 
-def _presence(scores: _Scores, held_out_only: bool = False) -> tuple[dict, dict, dict]:
-    """Presence AP per class and its target/base means; `held_out_only`: over the images training held out."""
+def _presence(scores: _Scores, held_out_only: bool = False, captioned_only: bool = False) -> tuple[dict, dict, dict]:
+    """Presence AP per class and its target/base means; `held_out_only`: over the images training held out;
+    `captioned_only`: over the images that were given captions."""
     per_class_ap, curves = {}, {}
     for c in SCORED_CLASSES:
         s, y = np.asarray(scores.scores[c]), np.asarray(scores.labels[c], dtype=bool)
+        keep = np.ones(len(s), bool)
         if held_out_only:
-            keep = np.asarray(scores.held_out[c], dtype=bool)
-            s, y = s[keep], y[keep]
+            keep &= np.asarray(scores.held_out[c], dtype=bool)
+        if captioned_only:
+            keep &= np.asarray(scores.captioned[c], dtype=bool)
+        s, y = s[keep], y[keep]
         if len(s) == 0 or not y.any():
             continue
         per_class_ap[c] = average_precision(s, y)
@@ -318,7 +330,8 @@ def evaluate(
         for m in methods:
             t0 = time.perf_counter()
             # every class: presence AP
-            acc[m].add_presence(predictor.presence(words, m, caption=caption or None), targets, is_held_out)
+            acc[m].add_presence(predictor.presence(words, m, caption=caption or None), targets, is_held_out,
+                                bool(caption))
             elapsed = time.perf_counter() - t0
             if present:  # masks only where the class is there: concept mIoU
                 t0 = time.perf_counter()
@@ -332,6 +345,13 @@ def evaluate(
                     if any(pl.reliability is not None for pl in result.pseudo_labels):
                         acc[m].add_pseudo_labels(result.concept, result.pseudo_labels,
                                                  _instance_masks(dataset, image_id, result.concept), targets, rng)
+                    for key in ("stripes", "fused_stripes"):  # Cap2Seg's stripe priors against eq. 4
+                        if result.details.get(key):
+                            gt = targets.gt[result.concept]  # non-crowd instances
+                            if gt.any():
+                                split = "target" if result.concept in TARGET_CLASSES else "base"
+                                acc[m].stripe_cosines[f"{key}/{split}"].append(
+                                    stripe_cosine(result.details[key], stripe_distribution(gt, len(result.details[key]))))
                     if "saliency_correlation" in result.details:
                         split = "target" if result.concept in TARGET_CLASSES else "base"
                         acc[m].correlations[split].append(float(result.details["saliency_correlation"]))
@@ -361,6 +381,8 @@ def evaluate(
             # A trained method has seen the training images' tags (Concept Mask: base labels and caption nouns),
             # so its presence on them is partly memory: the held-out images tell.
             "presence_ap_held_out": _presence(s, held_out_only=True)[0],
+            # with captions given: the images that have some (caption methods score the others from pixels)
+            "presence_ap_captioned": _presence(s, captioned_only=True)[0] if captions else None,
             # is the presence score a probability? base classes of the held-out images
             "presence_calibration_held_out_base": _calibration(s),
             "ms_per_image": statistics.median(set_image_ms),

@@ -39,7 +39,9 @@ def gallery_items(out, image) -> list[tuple]:
             if prior.kind == "noise":
                 overlay = with_colour_scale(overlay, "agree", "disagree", "noise")
             if prior.kind == "caption" and r.details.get("stripes"):  # Cap2Seg: where the caption puts the word
-                overlay = with_stripe_bars(overlay, r.details["stripes"])
+                fused = prior.label.startswith("fused") and r.details.get("fused_stripes")
+                overlay = (with_stripe_bars(overlay, r.details["fused_stripes"], "caption + local") if fused
+                           else with_stripe_bars(overlay, r.details["stripes"]))
             kind = prior.label + (f" ({note})" if note else "")
             items.append((overlay, f"{r.concept} · {kind} · score {score:.2f}"))
         rgb = tuple(int(c) for c in colour(words.index(r.concept)))

@@ -198,22 +198,24 @@ def test_cap2seg_reads_the_caption_box_and_draws_where_the_caption_puts_the_word
 
     _upload(page, EXAMPLES / "cat.jpg")
     _choose_method(page, "cap2seg")
-    captions = _segment(page, "cat", images=2)  # no caption: the class probability and the mask, said so
-    assert [c.split(" · ")[1] for c in captions] == ["class probability (eq. 12)", "mask"], captions
+    captions = _segment(page, "cat", images=3)  # no caption: class probability, local prior, mask; said so
+    local = "local prior (sec. 3.4, from predicted seen classes)"
+    assert [c.split(" · ")[1] for c in captions] == ["class probability (eq. 12)", local, "mask"], captions
     expect(page.locator("#status")).to_contain_text("no caption")
     page.locator("#caption textarea").fill("A cat lying on a blanket next to a remote control.")
     page.click("#segment-btn")
     expect(page.locator("#status")).to_contain_text("caption occurrence", timeout=SEGMENT_TIMEOUT_MS)
-    expect(page.locator("#results .thumbnail-item img")).to_have_count(3)
+    expect(page.locator("#results .thumbnail-item img")).to_have_count(5)
     captions = page.locator("#results .caption-label").all_inner_texts()
-    assert [c.split(" · ")[1] for c in captions] == ["caption prior: stripes", "class probability (eq. 12)",
-                                                      "mask"], captions
+    assert [c.split(" · ")[1] for c in captions] == ["caption prior: stripes V_hat", "fused prior V* = (Y_hat + V_hat)/2",
+                                                      "class probability (eq. 12)", local, "mask"], captions
     status = _status(page)
-    assert "stripes" in status and "competing classes" in status, status
+    assert "stripes" in status and "competing classes" in status and "fused stripes" in status, status
     _wait_for_result_images(page)
     sizes = page.evaluate("Array.from(document.querySelectorAll('#results .thumbnail-item img'))"
                           ".map(i => [i.naturalWidth, i.naturalHeight])")
-    assert sizes[0][0] > sizes[1][0] and sizes[0][1] == sizes[1][1], sizes  # the stripe bars beside the image
+    for k in (0, 1):  # the stripe bars beside the image, for V_hat and for V*
+        assert sizes[k][0] > sizes[2][0] and sizes[k][1] == sizes[2][1], sizes
     _screenshot(page, "app_cap2seg.png")
 
 

@@ -165,7 +165,16 @@ def test_tiny_training_loss_falls_and_reads_no_target_mask(tmp_path, decoded_cat
     plain = method.predict(state, "cat")
     assert plain.mask.shape == state.size and "no caption" in plain.details["note"]
     with_caption = method.predict(state, "cat", caption="A cat on a blanket.\nA tabby cat looking up.")
-    assert with_caption.details["captions"] == 2 and [p.kind for p in with_caption.priors] == ["caption", "probability"]
+    kinds = [p.kind for p in with_caption.priors]
+    assert with_caption.details["captions"] == 2 and kinds[:3] == ["caption", "caption", "probability"]
+    # sec. 3.4-3.5: the local branch was trained with the entailment model and gives V* = (Y_hat + V_hat) / 2
+    assert (out / "local.pt").is_file() and rec["local_branch"] and rec["consistency"]
+    assert all("mean_local" in e and e["local_pairs"] > 0 for e in rec["epochs"])
+    if "local" in kinds:  # the engine predicted some seen class to start from
+        assert with_caption.details["local_sources"].startswith("the engine's own")
+        fused = np.array(with_caption.details["fused_stripes"])
+        np.testing.assert_allclose(fused.sum(), 1.0, atol=1e-3)
+        assert not np.allclose(fused, with_caption.details["stripes"], atol=1e-4)
     assert np.array_equal(with_caption.mask, plain.mask)  # captions shape the priors, not the pixels' arg max
 
 
@@ -183,3 +192,25 @@ def test_tiny_training_with_table1(tmp_path):
     for row in ROWS:
         assert set(ev["table1"][row]) >= {"hard", "medium", "easy", "average", "all", "ap"}
     assert 0 <= ev["stripe_cosine"]["uniform"] <= 1
+    # Table 3: global, local and fused stripe cosines with and without the consistency loss, and local AP
+    assert set(ev["table3"]) == {"with_consistency", "without_consistency"}
+    for run in ev["table3"].values():
+        for key in ("global", "local", "fused"):
+            assert run[key] is None or 0 <= run[key] <= 1
+
+
+@pytest.mark.slow
+def test_eval_scores_cap2seg_stripe_priors_against_eq4():
+    """`ovseg eval` gives cap2seg each image's captions and scores its caption and fused stripes (coco_dev's
+    first 26 held-out images have no caption: 29 hold 3 captioned ones)."""
+    from ovseg.train.evaluate import evaluate
+
+    metrics, _ = evaluate(_coco(), ["cap2seg"], limit=29, held_out_only=True, progress=False, reference=False)
+    cos = metrics["methods"]["cap2seg"]["explanations"]["caption_stripe_cosine"]
+    assert set(cos) <= {"stripes", "fused_stripes"} and "stripes" in cos
+    for by_split in cos.values():
+        for v in by_split.values():
+            assert 0 <= v["mean"] <= 1 and v["pairs"] >= 1
+    without, _ = evaluate(_coco(), ["cap2seg"], limit=29, held_out_only=True, progress=False, reference=False,
+                          captions=False)
+    assert "caption_stripe_cosine" not in without["methods"]["cap2seg"].get("explanations", {})

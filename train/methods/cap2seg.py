@@ -34,8 +34,10 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -45,6 +47,9 @@ from ovseg.core.errors import OvsegError
 from ovseg.core.methods.cap2seg.entailment import (ContextualEntailment, EntailmentConfig, TraditionalZSL,
                                                    description, exact_match, joint_loss, sentence_pooling_scores,
                                                    stripe_cosine, stripe_distribution)
+from ovseg.core.methods.cap2seg.local import WEIGHTS_FILE as LOCAL_FILE
+from ovseg.core.methods.cap2seg.local import (GRID, LocalConfig, LocalInference, consistency_loss, fuse,
+                                              grid_labels, local_loss, sample_sources, stripe_shares)
 from ovseg.core.models import Models
 from ovseg.core.ops.metrics import average_precision
 from ovseg.train.coco import (BASE_CLASSES, HOLDOUT_FRACTION, SPLIT_SEED, TARGET_CLASSES, CocoConceptDataset,
@@ -54,6 +59,7 @@ from ovseg.train.registry import register_trainer
 log = logging.getLogger(__name__)
 
 LEVELS = ("hard", "medium", "easy")
+ALL_CLASSES = tuple(BASE_CLASSES) + tuple(TARGET_CLASSES)
 ROWS = ("exact_match", "sentence_pooling", "traditional_zsl", "ce", "ce_multiscale", "ce_multiscale_curriculum")
 
 
@@ -82,6 +88,9 @@ class TrainConfig:
     segmentation: bool = True  # also train sec. 3.6's segmentation model (two networks: lambda 0.01 and 0)
     seg_epochs: int = 6
     entailment_from: str | None = None  # reuse the entailment model of this cap2seg folder (no refit, no Table 1)
+    noun_pairs: int = 1  # extra-vocabulary caption nouns per caption and epoch, present and absent each (0: none)
+    min_noun_images: int = 3  # an extra noun must be named on this many training images
+    local_branch: bool = True  # sec. 3.4-3.5: the local branch and the consistency loss (with a run without it)
 
     def entailment_config(self, multiscale: bool) -> EntailmentConfig:
         return EntailmentConfig(trainable_layers=self.trainable_layers,
@@ -92,12 +101,54 @@ class TrainConfig:
 # ------------------------------------------------------------------------------------------------- data
 @dataclass
 class CaptionedImage:
-    """One training image: its captions, its present base classes and their eq. 4 stripe distributions."""
+    """One training image: its captions, its present base classes and their eq. 4 stripe distributions, its
+    known-class cells for the local branch (sec. 3.4) and the extra-vocabulary nouns its captions name."""
 
     image_id: int
     captions: list[str]
     present: list[str]
     stripes: dict[str, np.ndarray]
+    grid: np.ndarray = field(default_factory=lambda: np.full((GRID, GRID), -1, np.int16))
+    nouns: frozenset = frozenset()
+
+
+class Pair(NamedTuple):
+    """One contextual entailment question with its labels."""
+
+    caption: str
+    name: str
+    present: float  # eq. 3's I: the class occurs in the image
+    truth: np.ndarray  # eq. 4 (zeros where there is none)
+    has_stripes: bool  # a present base class: eq. 5 counts it
+    image: int  # index into the training images
+    known: int  # index into BASE_CLASSES, -1 for an extra-vocabulary noun (no pixels: no local branch)
+
+
+@lru_cache(maxsize=100_000)
+def extra_noun(lemma: str) -> bool:
+    """Whether a caption noun may serve as an extra known class: it names no base class (those have masks)
+    and no target class, its synonyms or kinds (`class_of_noun`, `exact_match`): target names stay unseen."""
+    from ovseg.core.models.caption_nouns import class_of_noun
+
+    if class_of_noun(lemma, ALL_CLASSES) is not None:
+        return False
+    return not any(exact_match(lemma, t) for t in TARGET_CLASSES)
+
+
+def caption_nouns(captions: list[str]) -> frozenset:
+    """The extra-vocabulary object nouns (lemmas) any of an image's captions names."""
+    from ovseg.core.models.caption_nouns import object_nouns
+
+    return frozenset(n.lemma for c in captions for n in object_nouns(c) if extra_noun(n.lemma))
+
+
+def noun_vocabulary(images: list[CaptionedImage], min_images: int = 3) -> list[str]:
+    """The extra nouns named on at least `min_images` training images, sorted."""
+    counts: dict[str, int] = {}
+    for img in images:
+        for n in img.nouns:
+            counts[n] = counts.get(n, 0) + 1
+    return sorted(n for n, c in counts.items() if c >= min_images)
 
 
 def training_images(dataset: CocoConceptDataset, ids: list[int], k: int, progress: bool) -> list[CaptionedImage]:
@@ -113,8 +164,10 @@ def training_images(dataset: CocoConceptDataset, ids: list[int], k: int, progres
             continue
         present = [n for n in dataset.classes_present(image_id) if n in BASE_CLASSES]
         assert_no_target_annotations(present)
-        stripes = {n: stripe_distribution(training_mask(dataset, image_id, n), k) for n in present}
-        out.append(CaptionedImage(int(image_id), captions, present, stripes))
+        masks = {n: training_mask(dataset, image_id, n) for n in present}
+        stripes = {n: stripe_distribution(m, k) for n, m in masks.items()}
+        grid = grid_labels({BASE_CLASSES.index(n): m == 1 for n, m in masks.items()})
+        out.append(CaptionedImage(int(image_id), captions, present, stripes, grid, caption_nouns(captions)))
     if not out:
         raise OvsegError(f"no captioned training image in {dataset.root}: cap2seg needs captions.json")
     return out
@@ -146,21 +199,32 @@ def difficulty_split(rates: dict[str, dict]) -> dict[str, list[str]]:
 
 
 def epoch_pairs(images: list[CaptionedImage], active: list[str], negatives: int, rng: np.random.Generator,
-                k: int) -> list[tuple]:
-    """(caption, class, present, stripe truth) for every caption: its present active classes and `negatives`
-    absent active ones drawn at random (an absent pair's stripe truth is zeros: L_s skips it)."""
+                k: int, vocabulary: list[str] = (), noun_pairs: int = 0) -> list[Pair]:
+    """The questions of one epoch: for every caption, its image's present active classes and `negatives` absent
+    active ones drawn at random (an absent pair's stripe truth is zeros: L_s skips it); with a vocabulary,
+    also `noun_pairs` nouns its image's captions name (present) and as many vocabulary nouns they do not
+    (absent), occurrence only."""
     pairs = []
     zeros = np.zeros(k)
     active_set = set(active)
-    for img in images:
+    index = {n: i for i, n in enumerate(BASE_CLASSES)}
+    for j, img in enumerate(images):
         pos = [n for n in img.present if n in active_set]
         absent = [n for n in active if n not in img.stripes]
+        named = sorted(n for n in img.nouns if n in set(vocabulary)) if noun_pairs else []
         for caption in img.captions:
             neg = list(rng.choice(absent, size=min(negatives, len(absent)), replace=False)) if absent else []
-            pairs += [(caption, n, 1.0, img.stripes[n]) for n in pos]
-            pairs += [(caption, str(n), 0.0, zeros) for n in neg]
-    rng.shuffle(pairs)
-    return pairs
+            pairs += [Pair(caption, n, 1.0, img.stripes[n], True, j, index[n]) for n in pos]
+            pairs += [Pair(caption, str(n), 0.0, zeros, False, j, index[str(n)]) for n in neg]
+            if noun_pairs and vocabulary:
+                for n in (rng.choice(named, size=min(noun_pairs, len(named)), replace=False) if named else []):
+                    pairs.append(Pair(caption, str(n), 1.0, zeros, False, j, -1))
+                for _ in range(noun_pairs):
+                    n = str(vocabulary[int(rng.integers(len(vocabulary)))])
+                    if n not in img.nouns:
+                        pairs.append(Pair(caption, n, 0.0, zeros, False, j, -1))
+    order = rng.permutation(len(pairs))
+    return [pairs[i] for i in order]
 
 
 def pair_loss(model: ContextualEntailment, pairs: list[tuple], batch_size: int = 64) -> dict:
@@ -172,43 +236,86 @@ def pair_loss(model: ContextualEntailment, pairs: list[tuple], batch_size: int =
     with torch.no_grad():
         for i in range(0, len(pairs), batch_size):
             batch = pairs[i : i + batch_size]
-            occ, st, present, truth = _forward(model, batch)
-            _, lo, ls = joint_loss(occ, st, present, truth)
+            occ, st, present, truth, counts = _forward(model, batch)
+            _, lo, ls = joint_loss(occ, st, present, truth, counts)
             tot["occurrence"] += float(lo) * len(batch)
-            tot["stripe"] += float(ls) * float(present.sum())
+            tot["stripe"] += float(ls) * float(counts.sum())
             n_all += len(batch)
-            n_pos += int(present.sum())
+            n_pos += int(counts.sum())
     model.train(was)
     out = {"occurrence": tot["occurrence"] / max(n_all, 1), "stripe": tot["stripe"] / max(n_pos, 1)}
     out["loss"] = out["occurrence"] + out["stripe"]
     return {k: round(v, 4) for k, v in out.items()}
 
 
-def _forward(model: ContextualEntailment, batch: list[tuple]):
-    captions = [p[0] for p in batch]
-    descs = [description(p[1], model.config.description) for p in batch]
-    occ, st = model(captions, descs)
-    present = torch.tensor([p[2] for p in batch], device=model.device)
-    truth = torch.tensor(np.stack([p[3] for p in batch]), dtype=torch.float32, device=model.device)
-    return occ, st, present, truth
+def _forward(model: ContextualEntailment, batch: list[Pair]):
+    """(occurrence logits, stripe logits, occurrence labels, stripe truth, whether eq. 5 counts the pair)."""
+    occ, st = model([p.caption for p in batch], [description(p.name, model.config.description) for p in batch])
+    present = torch.tensor([p.present for p in batch], device=model.device)
+    truth = torch.tensor(np.stack([p.truth for p in batch]), dtype=torch.float32, device=model.device)
+    counts = torch.tensor([p.has_stripes for p in batch], device=model.device)
+    return occ, st, present, truth, counts
+
+
+def local_terms(local: LocalInference, images: list[CaptionedImage], batch: list[Pair], stripe_logits: torch.Tensor,
+                known_vectors: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Eq. 9 and eq. 11 over a batch's known-class pairs: each pair's class plays the unknown u', n_sub
+    sources are drawn from its image's cells of the other known classes. -> (L_p, L_consist, pairs used)."""
+    rows, pos, cls, labels, weight = [], [], [], [], []
+    n_sub = local.config.n_sub
+    positions = local.positions
+    for r, p in enumerate(batch):
+        if p.known < 0:
+            continue
+        grid = images[p.image].grid
+        cells, classes = sample_sources(grid, p.known, n_sub, rng)
+        if len(cells) == 0:
+            continue
+        rows.append(r)
+        pos.append(positions[torch.from_numpy(cells)])
+        cls.append(torch.from_numpy(classes))
+        flat = torch.from_numpy(grid.reshape(-1).astype(np.int64))
+        labels.append((flat == p.known).float())
+        weight.append((flat >= 0).float())
+    if not rows:
+        zero = stripe_logits.sum() * 0.0
+        return zero, zero, 0
+    word = known_vectors[torch.tensor([batch[r].known for r in rows])]
+    prob = local(torch.stack(pos), known_vectors[torch.stack(cls)], torch.ones(len(rows), n_sub, dtype=torch.bool),
+                 word)
+    l_p = local_loss(prob, torch.stack(labels), torch.stack(weight))
+    y_hat = stripe_shares(prob, stripe_logits.shape[1])
+    v_hat = torch.softmax(stripe_logits[torch.tensor(rows)], dim=-1)
+    return l_p, consistency_loss(y_hat, v_hat), len(rows)
 
 
 def fit_entailment(encoder, images: list[CaptionedImage], cfg: TrainConfig, multiscale: bool,
-                   curriculum: dict[str, list[str]] | None, label: str, progress: bool) -> tuple[ContextualEntailment, dict]:
-    """Fine-tune one entailment model on the training images (eq. 6). Returns it and its loss record."""
+                   curriculum: dict[str, list[str]] | None, label: str, progress: bool,
+                   known_vectors: torch.Tensor | None = None, vocabulary: list[str] = (),
+                   consistency: bool = True) -> tuple[ContextualEntailment, LocalInference | None, dict]:
+    """Fine-tune one entailment model on the training images (eq. 6); with `known_vectors` (the base classes'
+    word vectors) the local branch is trained with it (eq. 9) and, with `consistency`, the two are tied by
+    eq. 11: L = L_o + L_s + L_p + L_consist. -> (entailment model, local branch or None, loss record)."""
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = ContextualEntailment(encoder, cfg.entailment_config(multiscale)).train()
+    local = None
     enc_params, head_params = model.trained_parameters()
     groups = [{"params": head_params, "lr": cfg.lr_heads}]
     if enc_params:
         groups.append({"params": enc_params, "lr": cfg.lr_encoder})
+    if known_vectors is not None:
+        local = LocalInference(LocalConfig(word_dim=known_vectors.shape[1])).train()
+        groups.append({"params": list(local.parameters()), "lr": cfg.lr_heads})
     opt = torch.optim.Adam(groups)
+    noun_pairs = cfg.noun_pairs if vocabulary else 0
     probe = epoch_pairs(images, list(BASE_CLASSES), cfg.negatives, np.random.default_rng(cfg.seed + 1),
                         cfg.k)[:512]
-    record = {"probe_pairs": len(probe), "probe_before": pair_loss(model, probe), "epochs": []}
+    record = {"probe_pairs": len(probe), "probe_before": pair_loss(model, probe), "epochs": [],
+              "local_branch": local is not None, "consistency": bool(local is not None and consistency),
+              "extra_nouns": len(vocabulary) if noun_pairs else 0}
     t0 = time.perf_counter()
     for epoch in range(cfg.epochs):
         if curriculum:
@@ -217,34 +324,43 @@ def fit_entailment(encoder, images: list[CaptionedImage], cfg: TrainConfig, mult
         else:
             active = list(BASE_CLASSES)
         active = [n for n in BASE_CLASSES if n in set(active)]
-        pairs = epoch_pairs(images, active, cfg.negatives, rng, cfg.k)
-        sums = np.zeros(3)
+        pairs = epoch_pairs(images, active, cfg.negatives, rng, cfg.k, vocabulary, noun_pairs)
+        sums = np.zeros(5)
+        n_local = 0
         bar = tqdm(range(0, len(pairs), cfg.batch_size), desc=f"cap2seg: {label} epoch {epoch + 1}/{cfg.epochs}",
                    unit="batch", disable=not progress)
         first_batch = None
         for i in bar:
             batch = pairs[i : i + cfg.batch_size]
-            occ, st, present, truth = _forward(model, batch)
-            loss, lo, ls = joint_loss(occ, st, present, truth)
+            occ, st, present, truth, counts = _forward(model, batch)
+            loss, lo, ls = joint_loss(occ, st, present, truth, counts)
+            lp = lc = torch.zeros(())
+            if local is not None:
+                lp, lc, used = local_terms(local, images, batch, st, known_vectors, rng)
+                n_local += used
+                loss = loss + lp + (lc if consistency else 0.0)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            sums += np.array([loss.item(), lo.item(), ls.item()]) * len(batch)
+            sums += np.array([loss.item(), lo.item(), ls.item(), lp.item(), lc.item()]) * len(batch)
             if first_batch is None:
                 first_batch = round(loss.item(), 4)
             bar.set_postfix(loss=f"{loss.item():.3f}")
         n = max(len(pairs), 1)
-        record["epochs"].append({"active_classes": len(active), "pairs": len(pairs), "first_batch_loss": first_batch,
-                                 "mean_loss": round(sums[0] / n, 4), "mean_occurrence": round(sums[1] / n, 4),
-                                 "mean_stripe": round(sums[2] / n, 4)})
+        entry = {"active_classes": len(active), "pairs": len(pairs), "first_batch_loss": first_batch,
+                 "mean_loss": round(sums[0] / n, 4), "mean_occurrence": round(sums[1] / n, 4),
+                 "mean_stripe": round(sums[2] / n, 4)}
+        if local is not None:
+            entry.update(local_pairs=n_local, mean_local=round(sums[3] / n, 4), mean_consistency=round(sums[4] / n, 4))
+        record["epochs"].append(entry)
     record["probe_after"] = pair_loss(model, probe)
     record["seconds"] = round(time.perf_counter() - t0, 1)
-    return model.eval(), record
+    return model.eval(), (local.eval() if local is not None else None), record
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-def target_stripe_truth(dataset: CocoConceptDataset, image_id: int, name: str, held_out: set[int], k: int) -> np.ndarray:
-    """Eq. 4 of a class's non-crowd mask on a held-out image: evaluation only (refuses a training image)."""
+def target_mask(dataset: CocoConceptDataset, image_id: int, name: str, held_out: set[int]) -> np.ndarray:
+    """A class's non-crowd mask on a held-out image: evaluation only (refuses a training image)."""
     if int(image_id) not in held_out:
         raise RuntimeError(f"image {image_id} is a training image: target masks are read on held-out images only")
     h, w = dataset.image_size(image_id)
@@ -252,7 +368,12 @@ def target_stripe_truth(dataset: CocoConceptDataset, image_id: int, name: str, h
     for ann in dataset.annotations(image_id):
         if dataset.coco.cats[ann["category_id"]]["name"] == name and not ann.get("iscrowd", 0):
             mask |= dataset.coco.annToMask(ann).astype(bool)
-    return stripe_distribution(mask, k)
+    return mask
+
+
+def target_stripe_truth(dataset: CocoConceptDataset, image_id: int, name: str, held_out: set[int], k: int) -> np.ndarray:
+    """Eq. 4 of a class's non-crowd mask on a held-out image: evaluation only (refuses a training image)."""
+    return stripe_distribution(target_mask(dataset, image_id, name, held_out), k)
 
 
 def table_row(scores: dict[str, np.ndarray], labels: dict[str, np.ndarray], split: dict[str, list[str]]) -> dict:
@@ -278,9 +399,73 @@ def image_scores(per_caption: np.ndarray, owners: np.ndarray, n_images: int) -> 
     return out / np.bincount(owners, minlength=n_images)[:, None]
 
 
+def table3(targets: CocoConceptDataset, ids: list[int], names: list[str], labels: dict[str, np.ndarray],
+           global_stripes: dict[str, np.ndarray], branches: dict[str, LocalInference], known_vectors: torch.Tensor,
+           word: torch.Tensor, held: set[int], k: int) -> dict:
+    """Table 3 on the held-out images: per run (with / without the consistency loss) the mean stripe cosine of
+    the global (V_hat), local (Y_hat) and fused (V*) distributions against eq. 4 of the target mask, and the
+    local branch's cell-level AP (per target class over every held-out cell, then the mean). The local branch
+    starts from the held-out images' ground-truth base-class cells (the paper's setting).
+
+    global_stripes: run -> (images, classes, K) V_hat averaged over each image's captions; known_vectors: the base
+    classes' word vectors; word: (classes, D) the target classes'."""
+    from ovseg.core.methods.cap2seg.local import GRID as G
+
+    base_grid = {}
+    for i in ids:
+        masks = {BASE_CLASSES.index(n): training_mask(targets_base(targets), i, n) == 1
+                 for n in targets_base(targets).classes_present(i) if n in BASE_CLASSES}
+        base_grid[i] = grid_labels(masks, G)
+    out = {}
+    cell_truth = {}
+    for run, local in branches.items():
+        cos = {"global": [], "local": [], "fused": []}
+        cells = {n: ([], []) for n in names}
+        for j, i in enumerate(ids):
+            for c, n in enumerate(names):
+                prob = local.predict(base_grid[i], known_vectors, word[c])
+                present = bool(labels[n][j])
+                if present and (i, n) not in cell_truth:
+                    mask = target_mask(targets, i, n, held)
+                    cell_truth[(i, n)] = (mask, grid_labels({0: mask}, G) == 0)
+                if prob is not None:
+                    truth_cells = cell_truth[(i, n)][1] if present else np.zeros((G, G), bool)
+                    cells[n][0].append(prob.reshape(-1))
+                    cells[n][1].append(truth_cells.reshape(-1))
+                if not present:
+                    continue
+                truth = stripe_distribution(cell_truth[(i, n)][0], k)
+                v_hat = global_stripes[run][j, c]
+                y_hat = None if prob is None else stripe_shares(torch.from_numpy(prob.reshape(-1)), k).numpy()
+                cos["global"].append(stripe_cosine(v_hat, truth))
+                cos["fused"].append(stripe_cosine(fuse(y_hat, v_hat), truth))
+                if y_hat is not None:
+                    cos["local"].append(stripe_cosine(y_hat, truth))
+        aps = [average_precision(np.concatenate(sc), np.concatenate(lb)) for sc, lb in cells.values()
+               if sc and np.concatenate(lb).any()]
+        out[run] = {**{key: round(float(np.mean(v)), 4) if v else None for key, v in cos.items()},
+                    "pairs": len(cos["global"]), "local_ap": round(100 * float(np.mean(aps)), 1) if aps else None,
+                    "local_ap_classes": len(aps)}
+    return out
+
+
+_BASE_VIEW: dict[str, CocoConceptDataset] = {}
+
+
+def targets_base(targets: CocoConceptDataset) -> CocoConceptDataset:
+    """The same images seen through the base classes (their masks are the local branch's sources)."""
+    key = f"{targets.root}:{len(targets.image_ids)}"
+    if key not in _BASE_VIEW:
+        _BASE_VIEW.clear()
+        _BASE_VIEW[key] = CocoConceptDataset(targets.root, classes=BASE_CLASSES, image_ids=targets.image_ids)
+    return _BASE_VIEW[key]
+
+
 def evaluate(cfg: TrainConfig, models: Models, zsl: TraditionalZSL, entailment: dict[str, ContextualEntailment],
-             split: dict[str, list[str]], held_ids: list[int]) -> dict:
-    """Table 1 and the stripe cosines on the held-out images (module docstring, step 3)."""
+             split: dict[str, list[str]], held_ids: list[int],
+             branches: dict[str, tuple[ContextualEntailment, LocalInference]] | None = None) -> dict:
+    """Table 1, the global stripe cosines and (with `branches`: run -> (entailment, local branch)) Table 3 on the
+    held-out images (module docstring, step 3)."""
     targets = CocoConceptDataset(cfg.coco_dir, classes=TARGET_CLASSES, image_ids=held_ids)
     held = set(held_ids)
     ids = [i for i in held_ids if targets.captions(i)]
@@ -297,13 +482,19 @@ def evaluate(cfg: TrainConfig, models: Models, zsl: TraditionalZSL, entailment: 
         "sentence_pooling": sentence_pooling_scores(captions, names, models.embed_words),
         "traditional_zsl": zsl.scores(models.text_encoder.embed(captions), models.embed_words(names)),
     }
-    stripes = {}
-    for row, model in entailment.items():
+
+    def caption_priors(model):
         flat_caps = [c for c in captions for _ in names]
         flat_names = [n for _ in captions for n in names]
         occ, st = model.predict(flat_caps, flat_names)
-        per_caption[row] = occ.reshape(len(captions), len(names))
-        stripes[row] = st.reshape(len(captions), len(names), -1)
+        st = st.reshape(len(captions), len(names), -1)
+        img = np.zeros((len(ids), len(names), st.shape[-1]))
+        np.add.at(img, owners, st)
+        return occ.reshape(len(captions), len(names)), img / np.bincount(owners, minlength=len(ids))[:, None, None]
+
+    stripes = {}
+    for row, model in entailment.items():
+        per_caption[row], stripes[row] = caption_priors(model)
     table = {}
     for row, pc in per_caption.items():
         s = image_scores(pc, owners, len(ids))
@@ -314,14 +505,18 @@ def evaluate(cfg: TrainConfig, models: Models, zsl: TraditionalZSL, entailment: 
     uniform = np.full(cfg.k, 1.0 / cfg.k)
     cos = {"pairs": len(pairs), "uniform": round(float(np.mean([stripe_cosine(uniform, t) for t in truth])), 4)
            if truth else None}
-    for row, st in stripes.items():
-        img = np.zeros((len(ids), len(names), cfg.k))
-        np.add.at(img, owners, st)
-        img /= np.bincount(owners, minlength=len(ids))[:, None, None]
+    for row, img in stripes.items():
         vals = [stripe_cosine(img[j, names.index(n)], t) for (j, _, n), t in zip(pairs, truth)]
         cos[row] = round(float(np.mean(vals)), 4) if vals else None
-    return {"images": len(ids), "captions": len(captions),
-            "positives": {n: int(labels[n].sum()) for n in names}, "table1": table, "stripe_cosine": cos}
+    out = {"images": len(ids), "captions": len(captions),
+           "positives": {n: int(labels[n].sum()) for n in names}, "table1": table, "stripe_cosine": cos}
+    if branches:
+        known = models.embed_words(list(BASE_CLASSES)).float().cpu()
+        global_stripes = {run: caption_priors(ent)[1] for run, (ent, _) in branches.items()}
+        out["table3"] = table3(targets, ids, names, labels, global_stripes,
+                               {run: loc for run, (_, loc) in branches.items()}, known,
+                               models.embed_words(names).float().cpu(), held, cfg.k)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -372,9 +567,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     final_row = next(iter(variants))
     if cfg.ablation:
         variants = {"ce": (False, False), "ce_multiscale": (True, False), **variants}
-    fitted, records = {}, {}
+    vocabulary = noun_vocabulary(images, cfg.min_noun_images) if cfg.noun_pairs else []
+    known_vectors = models.embed_words(list(BASE_CLASSES)).float().cpu() if cfg.local_branch else None
+    fitted, records, branches = {}, {}, {}
     for row, (ms, cl) in variants.items():
-        fitted[row], records[row] = fit_entailment(encoder, images, cfg, ms, curriculum if cl else None, row, progress)
+        final_here = row == final_row
+        fitted[row], local, records[row] = fit_entailment(
+            encoder, images, cfg, ms, curriculum if cl else None, row, progress,
+            known_vectors=known_vectors if final_here else None, vocabulary=vocabulary)
+        if local is not None:
+            branches["with_consistency"] = (fitted[row], local)
+    if cfg.local_branch and cfg.evaluate and cfg.ablation:  # Table 3's other run: the same model without eq. 11
+        ms, cl = variants[final_row]
+        ent, local, records["without_consistency"] = fit_entailment(
+            encoder, images, cfg, ms, curriculum if cl else None, "without eq. 11", progress,
+            known_vectors=known_vectors, vocabulary=vocabulary, consistency=False)
+        branches["without_consistency"] = (ent, local)
     t_fit = time.perf_counter() - t_start - t_data
 
     results = None
@@ -386,13 +594,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             [(targets_all.captions(i), set(targets_all.classes_present(i))) for i in targets_all.image_ids
              if i in train_set], TARGET_CLASSES)
         split = difficulty_split(target_rates)
-        results = evaluate(cfg, models, zsl, fitted, split, held_ids)
+        results = evaluate(cfg, models, zsl, fitted, split, held_ids, branches)
         results.update(split=split, split_rule=(
             "target classes sorted by mention rate (share of the captions of training images containing the "
             "class that name it, exact match); lowest 6 hard, middle 5 medium, top 6 easy"),
             target_mention_rates=target_rates, seconds=round(time.perf_counter() - t0, 1))
 
     final = fitted[final_row]
+    final_local = branches.get("with_consistency", (None, None))[1]
     summary = {
         "data": {"coco_dir": str(Path(cfg.coco_dir).resolve()), "training_images": len(images),
                  "training_captions": len(caps), "present_base_pairs": sum(len(i.present) for i in images),
@@ -401,6 +610,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                  "classes": "base classes only: their labels and masks; no target mask or box is read in training"},
         "checkpoint_row": final_row,
         "curriculum": curriculum, "base_mention_rates": base_rates,
+        "extra_vocabulary": {"nouns": len(vocabulary), "noun_pairs_per_caption": cfg.noun_pairs if vocabulary else 0,
+                             "rule": "object nouns of the training captions named on at least "
+                                     f"{cfg.min_noun_images} training images that name no base or target class "
+                                     "(nor a synonym or kind of one); occurrence only",
+                             "examples": vocabulary[:40]},
         "losses": records, "traditional_zsl_loss": {
             "first": round(zsl_record["train"][0], 4), "last": round(zsl_record["train"][-1], 4),
             "best_step": zsl_record["best_step"],
@@ -409,23 +623,26 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1), "total": round(time.perf_counter() - t_start, 1)},
         "torch": torch.__version__,
     }
-    return _save(cfg, final, final_row, summary, models, all_train_ids, progress, t_start)
+    return _save(cfg, final, final_local, final_row, summary, models, all_train_ids, progress, t_start)
 
 
-def _save(cfg: TrainConfig, final: ContextualEntailment, final_row: str, summary: dict, models: Models,
-          all_train_ids: list[int], progress: bool, t_start: float) -> Path:
-    """The entailment model, sec. 3.6's segmentation networks (trained here, on the entailment model's priors)
-    and the config and summary, into a fresh folder swapped in for cfg.out when everything is written."""
+def _save(cfg: TrainConfig, final: ContextualEntailment, final_local: LocalInference | None, final_row: str,
+          summary: dict, models: Models, all_train_ids: list[int], progress: bool, t_start: float) -> Path:
+    """The entailment model and local branch, sec. 3.6's segmentation networks (trained here, on their fused
+    priors) and the config and summary, into a fresh folder swapped in for cfg.out when everything is
+    written."""
     from ovseg.train.methods.cap2seg_segmentation import SegTrainConfig, train_segmentation
 
     out = Path(cfg.out)
     with replaced_folder(out) as tmp:
         final.save(tmp)
+        if final_local is not None:
+            final_local.save(tmp, {"known_classes": list(BASE_CLASSES)})
         if cfg.segmentation:
             t0 = time.perf_counter()
             seg_ids = all_train_ids[: cfg.max_images] if cfg.max_images else all_train_ids
             summary["segmentation"] = train_segmentation(
-                CocoConceptDataset(cfg.coco_dir), seg_ids, models, final, tmp,
+                CocoConceptDataset(cfg.coco_dir), seg_ids, models, final, final_local, tmp,
                 SegTrainConfig(epochs=cfg.seg_epochs, seed=cfg.seed), progress)
             summary["seconds"]["segmentation"] = round(time.perf_counter() - t0, 1)
         summary["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
@@ -443,12 +660,14 @@ def _with_entailment_from(cfg: TrainConfig, models: Models, all_train_ids: list[
     its Table 1 and losses are carried over from its training.json; only the segmentation model is trained."""
     source = Path(cfg.entailment_from)
     final = ContextualEntailment.load(source, models.text_encoder)
+    final_local = LocalInference.load(source) if (source / LOCAL_FILE).is_file() else None
     previous = json.loads((source / "training.json").read_text()) if (source / "training.json").is_file() else {}
     previous_config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
     summary = {**{k: v for k, v in previous.items() if k not in ("seconds", "segmentation")},
                "entailment_from": str(source), "entailment_seconds": previous.get("seconds", {}),
                "seconds": {}}
-    return _save(cfg, final, previous_config.get("row", "reused"), summary, models, all_train_ids, progress, t_start)
+    return _save(cfg, final, final_local, previous_config.get("row", "reused"), summary, models, all_train_ids,
+                 progress, t_start)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -471,6 +690,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-images", type=int, default=None, help="only the first N training images (quick runs)")
     p.add_argument("--max-eval-images", type=int, default=None, help="only the first N held-out images")
     p.add_argument("--no-segmentation", action="store_true", help="skip sec. 3.6's segmentation model")
+    p.add_argument("--noun-pairs", type=int, default=d.noun_pairs,
+                   help=f"extra caption nouns asked per caption and epoch, present and absent each (default "
+                        f"{d.noun_pairs}; 0: the seen classes only)")
+    p.add_argument("--no-local-branch", action="store_true",
+                   help="skip sec. 3.4-3.5 (the local branch, the consistency loss and Table 3)")
     p.add_argument("--seg-epochs", type=int, default=d.seg_epochs,
                    help=f"epochs of the segmentation model (default {d.seg_epochs})")
     p.add_argument("--entailment-from", default=None,
@@ -484,7 +708,8 @@ def run(args) -> Path:
                              description=args.description, ablation=not args.no_ablation,
                              evaluate=not args.no_eval, max_images=args.max_images,
                              max_eval_images=args.max_eval_images, segmentation=not args.no_segmentation,
-                             seg_epochs=args.seg_epochs, entailment_from=args.entailment_from))
+                             seg_epochs=args.seg_epochs, entailment_from=args.entailment_from,
+                             noun_pairs=args.noun_pairs, local_branch=not args.no_local_branch))
 
 
 register_trainer("cap2seg", "Cap2Seg's contextual entailment (caption occurrence and stripe priors; base classes)",

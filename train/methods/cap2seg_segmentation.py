@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ovseg.core.methods.cap2seg.entailment import exact_match
+from ovseg.core.methods.cap2seg.local import fuse, grid_labels, stripe_shares
 from ovseg.core.methods.cap2seg.segmentation import (BACKGROUND, Cap2SegNet, SegmentationConfig, ranking_loss,
                                                      seg_loss)
 from ovseg.core.models.backbone import input_size, preprocess
@@ -55,12 +56,16 @@ def _downsample(mask: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 
 
 def build_samples(dataset: CocoConceptDataset, ids: list[int], models, entailment, cfg: SegTrainConfig,
-                  progress: bool = True) -> tuple[list[SegSample], dict]:
-    """Features, seen-class labels, Y and the caption-inferred priors of each training image."""
+                  progress: bool = True, local=None) -> tuple[list[SegSample], dict]:
+    """Features, seen-class labels, Y and the caption-inferred priors of each training image: occurrence s the
+    mean over its captions (as Table 1 scores an image), stripes V* = (Y_hat + V_hat) / 2 (sec. 3.5) with
+    Y_hat from the local branch on the image's base-class cells, or V_hat alone without a local branch."""
     from tqdm import tqdm
 
     seen = [*BASE_CLASSES, BACKGROUND]
     samples, counts = [], {"images": 0, "background_images": 0, "captioned": 0, "labelled_cells": 0}
+    known_vectors = models.embed_words(list(BASE_CLASSES)).float().cpu()
+    unseen_vectors = models.embed_words(list(TARGET_CLASSES)).float().cpu()
     for image_id in tqdm(ids, desc="cap2seg segmentation data", unit="img", disable=not progress):
         rgb = dataset.load_rgb(image_id)
         hw_in = input_size(rgb.shape[0], rgb.shape[1], cfg.long_side)
@@ -70,10 +75,12 @@ def build_samples(dataset: CocoConceptDataset, ids: list[int], models, entailmen
         h, w = f.c3.shape[-2:]
         labels = np.full((h, w), -1, np.int64)
         covered = np.zeros((h, w), np.float32)
+        known_masks = {}
         for name in dataset.classes_present(image_id):
             if name not in BASE_CLASSES:
                 continue  # target classes: never decoded
             target = training_mask(dataset, image_id, name)
+            known_masks[BASE_CLASSES.index(name)] = target == 1
             share = _downsample(target == 1, (h, w))
             covered = np.maximum(covered, _downsample(target > 0, (h, w)))
             labels[share >= 0.5] = BASE_CLASSES.index(name)
@@ -85,10 +92,17 @@ def build_samples(dataset: CocoConceptDataset, ids: list[int], models, entailmen
             names = [c for c in TARGET_CLASSES for _ in captions]
             occ, st = entailment.predict([c for _ in TARGET_CLASSES for c in captions], names)
             occ = occ.reshape(len(TARGET_CLASSES), len(captions))
-            st = st.reshape(len(TARGET_CLASSES), len(captions), -1)
-            best = occ.argmax(axis=1)
-            occurrence = torch.from_numpy(occ.max(axis=1)).float()
-            stripes = torch.from_numpy(st[np.arange(len(TARGET_CLASSES)), best]).float()
+            v_hat = st.reshape(len(TARGET_CLASSES), len(captions), -1).mean(axis=1)
+            occurrence = torch.from_numpy(occ.mean(axis=1)).float()
+            if local is not None:
+                cells = grid_labels(known_masks, local.config.grid)
+                fused = []
+                for u, vector in enumerate(unseen_vectors):
+                    prob = local.predict(cells, known_vectors, vector)
+                    y_hat = None if prob is None else stripe_shares(torch.from_numpy(prob.reshape(-1)), st.shape[-1]).numpy()
+                    fused.append(fuse(y_hat, v_hat[u]))
+                v_hat = np.stack(fused)
+            stripes = torch.from_numpy(np.asarray(v_hat)).float()
             if not any(exact_match(c, t) > 0 for c in captions for t in TARGET_CLASSES):
                 labels[unlabelled & (labels < 0)] = seen.index(BACKGROUND)
                 counts["background_images"] += 1
@@ -150,13 +164,15 @@ def fit(samples: list[SegSample], seen_vectors: torch.Tensor, unseen_vectors: to
                         "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def train_segmentation(dataset: CocoConceptDataset, train_ids: list[int], models, entailment, out_dir,
+def train_segmentation(dataset: CocoConceptDataset, train_ids: list[int], models, entailment, local, out_dir,
                        cfg: SegTrainConfig | None = None, progress: bool = True) -> dict:
-    """Both networks (lambda 0.01 and 0) into out_dir; returns the training summary."""
+    """Both networks (lambda 0.01 and 0) into out_dir; returns the training summary. local: the local branch
+    (its Y_hat joins the stripes of L_RS) or None."""
     from pathlib import Path
 
     cfg = cfg or SegTrainConfig()
-    samples, counts = build_samples(dataset, train_ids, models, entailment, cfg, progress)
+    samples, counts = build_samples(dataset, train_ids, models, entailment, cfg, progress, local)
+    counts["stripes"] = "V* = (Y_hat + V_hat) / 2" if local is not None else "V_hat (no local branch)"
     seen = [*BASE_CLASSES, BACKGROUND]
     seen_vectors = models.embed_words(seen).float().cpu()
     unseen_vectors = models.embed_words(list(TARGET_CLASSES)).float().cpu()

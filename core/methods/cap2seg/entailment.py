@@ -127,10 +127,11 @@ def stripe_loss(logits: torch.Tensor, truth: torch.Tensor, present: torch.Tensor
     return -(truth[present].to(logq.dtype) * logq).sum(-1).mean()
 
 
-def joint_loss(occ_logits, stripe_logits, present, truth) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Eq. 6: L = L_o + L_s. Returns (L, L_o, L_s)."""
+def joint_loss(occ_logits, stripe_logits, present, truth, counts=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eq. 6: L = L_o + L_s. counts: (N,) bool, the pairs eq. 5 sums over (default: the present ones; a present
+    class without a mask, such as a caption noun, has no stripe truth). Returns (L, L_o, L_s)."""
     lo = occurrence_loss(occ_logits, present.float())
-    ls = stripe_loss(stripe_logits, truth, present.bool())
+    ls = stripe_loss(stripe_logits, truth, present.bool() if counts is None else counts.bool())
     return lo + ls, lo, ls
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ovseg.core.checkpoints import in_use
 from ovseg.core.errors import OvsegError
 from ovseg.core.methods.base import ImageState, Method, upsample_map
+from ovseg.core.methods.cap2seg.entailment import K_STRIPES
 from ovseg.core.methods.cap2seg.segmentation import BACKGROUND, Cap2SegNet, backbone_dict, class_scores
 from ovseg.core.registry import register_method
 from ovseg.core.types import ConceptResult, Prior
@@ -35,6 +36,14 @@ NETWORKS = {0.01: "segmentation.pt", 0.0: "segmentation_lrs0.pt"}
 def split_captions(caption: str | None) -> list[str]:
     """One caption per non-empty line."""
     return [c.strip() for c in (caption or "").splitlines() if c.strip()]
+
+
+def stripe_map(stripes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """A stripe distribution (K,) drawn over an HxW image: each row carries its stripe's share, the largest
+    scaled to 1."""
+    rows = np.repeat(stripes, np.diff(np.linspace(0, size[0], len(stripes) + 1).round().astype(int)))
+    out = np.repeat((rows / max(float(rows.max()), 1e-6))[:, None], size[1], axis=1).astype(np.float32)
+    return np.clip(out, 0, 1)
 
 
 @register_method("cap2seg")
@@ -59,6 +68,7 @@ class Cap2Seg(Method):
             raise OvsegError(f"{self.folder / NETWORKS[lambda_rs]} names no background class: retrain it")
         self.setting, self.lambda_rs = setting, lambda_rs
         self._entailment = None
+        self._local = None
 
     @property
     def entailment(self):
@@ -92,11 +102,40 @@ class Cap2Seg(Method):
         return prob, margin
 
     def caption_priors(self, captions: list[str], word: str) -> tuple[float, np.ndarray]:
-        """(occurrence s_{x,c}: the largest over the captions, the stripe distribution of the most confident
-        caption (K,))."""
+        """(occurrence s_{x,c}, the stripe distribution V_hat (K,)): each the mean over the captions (as the
+        trainer's Table 1 scores an image)."""
         occ, stripes = self.entailment.predict(captions, [word] * len(captions))
-        best = int(np.argmax(occ))
-        return float(occ[best]), stripes[best]
+        return float(occ.mean()), stripes.mean(axis=0)
+
+    @property
+    def local(self):
+        """The local branch (sec. 3.4), loaded on first use; None for a checkpoint trained without it."""
+        if self._local is None:
+            from ovseg.core.methods.cap2seg.local import WEIGHTS_FILE, LocalInference
+
+            self._local = LocalInference.load(self.folder, self.models.device) if (self.folder / WEIGHTS_FILE).is_file() else False
+        return self._local or None
+
+    def local_prior(self, state: ImageState, word: str) -> np.ndarray | None:
+        """Sec. 3.4's P(c_t = word | x) on the local lattice, from the known-class cells the engine itself
+        predicts (no ground truth here): each feature cell where a seen class other than background wins the
+        GZSL arg max (eq. 14) is that class; None without a local branch or any such cell."""
+        local = self.local
+        if local is None:
+            return None
+        from ovseg.core.methods.cap2seg.local import grid_labels
+
+        key = ("cap2seg-known", str(self.folder), self.lambda_rs)
+        if key not in state.cache:
+            known = [c for c in self.seen if c != BACKGROUND]
+            vectors = self.models.embed_words(self.seen).float().to(self.models.device)
+            with torch.no_grad():
+                winner = class_scores(self._features(state), vectors).argmax(0).cpu().numpy()
+            masks = {known.index(c): winner == i for i, c in enumerate(self.seen) if c != BACKGROUND and (winner == i).any()}
+            state.cache[key] = (grid_labels(masks, local.config.grid),
+                                self.models.embed_words(known).float().cpu())
+        cells, known_vectors = state.cache[key]
+        return local.predict(cells, known_vectors, self.models.embed_words([word]).float().cpu()[0])
 
     def presence(self, state: ImageState, concept, caption=None) -> float:
         captions = split_captions(caption)
@@ -118,15 +157,28 @@ class Cap2Seg(Method):
                    "competing_classes": len(self._candidates([concept, *negatives])) - 1}
         priors = [Prior(prob_map, self.name, concept, "probability", float(prob.max()),
                         label="class probability (eq. 12)")]
+        local_map = self.local_prior(state, concept)
+        y_hat = None
+        if local_map is not None:
+            from ovseg.core.methods.cap2seg.local import stripe_shares, upsample_grid
+
+            y_hat = stripe_shares(torch.from_numpy(local_map.reshape(-1)), K_STRIPES).numpy()
+            priors.append(Prior(np.clip(upsample_grid(local_map, size), 0, 1), self.name, concept, "local",
+                                float(local_map.max()), label="local prior (sec. 3.4, from predicted seen classes)"))
+            details["local_sources"] = "the engine's own seen-class predictions (GZSL arg max)"
         if captions:
+            from ovseg.core.methods.cap2seg.local import fuse
+
             occurrence, stripes = self.caption_priors(captions, concept)
+            fused = fuse(y_hat, stripes)
             score = occurrence
-            rows = np.repeat(stripes, np.diff(np.linspace(0, size[0], len(stripes) + 1).round().astype(int)))
-            stripe_map = np.repeat((rows / max(float(rows.max()), 1e-6))[:, None], size[1], axis=1).astype(np.float32)
-            priors.insert(0, Prior(np.clip(stripe_map, 0, 1), self.name, concept, "caption", occurrence,
-                                   label="caption prior: stripes"))
+            priors.insert(0, Prior(stripe_map(stripes, size), self.name, concept, "caption", occurrence,
+                                   label="caption prior: stripes V_hat"))
+            priors.insert(1, Prior(stripe_map(fused, size), self.name, concept, "caption", occurrence,
+                                   label="fused prior V* = (Y_hat + V_hat)/2"))
             details.update(caption_occurrence=round(occurrence, 4), captions=len(captions),
-                           stripes=[round(float(v), 3) for v in stripes])
+                           stripes=[round(float(v), 3) for v in stripes],
+                           fused_stripes=[round(float(v), 3) for v in fused])
         else:
             score = float(prob.max())
             details["note"] = "no caption: presence from the pixels, no caption prior"
