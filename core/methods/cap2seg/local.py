@@ -22,8 +22,7 @@ classes, and at inference the semi-global prior is V* = (Y_hat + V_hat) / 2.
 
 from __future__ import annotations
 
-import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ovseg.core.errors import ModelError, OvsegError
+from ovseg.core.errors import OvsegError
 
 GRID = 10
 N_SUB = 20
@@ -165,25 +164,15 @@ class LocalInference(nn.Module):
 
     # ----------------------------------------------------------------------------------------- checkpoint
     def save(self, folder: str | Path, extra: dict | None = None) -> Path:
-        from ovseg.core.cache import atomic_write_bytes
+        from ovseg.core.methods.cap2seg.weights import save_half
 
-        buf = io.BytesIO()
-        state = {k: v.detach().to("cpu", torch.float16) for k, v in self.state_dict().items()}
-        torch.save({"config": asdict(self.config), "state": state, "extra": extra or {}}, buf)
-        return atomic_write_bytes(Path(folder) / WEIGHTS_FILE, buf.getvalue())
+        return save_half(self, Path(folder) / WEIGHTS_FILE, extra)
 
     @classmethod
     def load(cls, folder: str | Path, device="cpu") -> "LocalInference":
-        path = Path(folder) / WEIGHTS_FILE
-        if not path.is_file():
-            raise ModelError(f"{path}: no cap2seg local branch (run `ovseg train cap2seg`)")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            model = cls(LocalConfig(**blob["config"]))
-            model.load_state_dict({k: v.float() for k, v in blob["state"].items()})
-        except Exception as exc:  # torch raises many types for a broken file
-            raise ModelError(f"{path}: unreadable cap2seg local branch ({exc})") from None
-        return model.to(device).eval()
+        from ovseg.core.methods.cap2seg.weights import load_half
+
+        return load_half(cls, LocalConfig, Path(folder) / WEIGHTS_FILE, "cap2seg local branch", device)[0]
 
 
 def sample_sources(labels: np.ndarray, exclude: int, n_sub: int, rng: np.random.Generator

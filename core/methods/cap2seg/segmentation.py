@@ -21,15 +21,13 @@ engine's default).
 
 from __future__ import annotations
 
-import io
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ovseg.core.errors import ModelError
 
 BACKGROUND = "background"
 BACKBONE_CHANNELS = {"c3": 40, "c4": 112, "c5": 320}
@@ -64,25 +62,15 @@ class Cap2SegNet(nn.Module):
 
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         """Half-precision weights and the config in one file, written atomically."""
-        from ovseg.core.cache import atomic_write_bytes
+        from ovseg.core.methods.cap2seg.weights import save_half
 
-        buf = io.BytesIO()
-        state = {k: v.detach().to("cpu", torch.float16) for k, v in self.state_dict().items()}
-        torch.save({"config": asdict(self.config), "state": state, "extra": extra or {}}, buf)
-        atomic_write_bytes(path, buf.getvalue())
+        save_half(self, path, extra)
 
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> tuple["Cap2SegNet", dict]:
-        path = Path(path)
-        if not path.is_file():
-            raise ModelError(f"{path}: no cap2seg segmentation network (run `ovseg train cap2seg`)")
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            net = cls(SegmentationConfig(**blob["config"]))
-            net.load_state_dict({k: v.float() for k, v in blob["state"].items()})
-        except Exception as exc:  # torch raises many types for a broken file
-            raise ModelError(f"{path}: unreadable cap2seg segmentation network ({exc})") from None
-        return net.to(device).eval(), blob.get("extra", {})
+        from ovseg.core.methods.cap2seg.weights import load_half
+
+        return load_half(cls, SegmentationConfig, path, "cap2seg segmentation network", device)
 
 
 def backbone_dict(features) -> dict[str, torch.Tensor]:
