@@ -411,10 +411,11 @@ def table3(targets: CocoConceptDataset, ids: list[int], names: list[str], labels
     classes' word vectors; word: (classes, D) the target classes'."""
     from ovseg.core.methods.cap2seg.local import GRID as G
 
+    base = CocoConceptDataset(targets.root, classes=BASE_CLASSES, image_ids=ids)  # the sources: base classes
     base_grid = {}
     for i in ids:
-        masks = {BASE_CLASSES.index(n): training_mask(targets_base(targets), i, n) == 1
-                 for n in targets_base(targets).classes_present(i) if n in BASE_CLASSES}
+        masks = {BASE_CLASSES.index(n): training_mask(base, i, n) == 1
+                 for n in base.classes_present(i) if n in BASE_CLASSES}
         base_grid[i] = grid_labels(masks, G)
     out = {}
     cell_truth = {}
@@ -447,18 +448,6 @@ def table3(targets: CocoConceptDataset, ids: list[int], names: list[str], labels
                     "pairs": len(cos["global"]), "local_ap": round(100 * float(np.mean(aps)), 1) if aps else None,
                     "local_ap_classes": len(aps)}
     return out
-
-
-_BASE_VIEW: dict[str, CocoConceptDataset] = {}
-
-
-def targets_base(targets: CocoConceptDataset) -> CocoConceptDataset:
-    """The same images seen through the base classes (their masks are the local branch's sources)."""
-    key = f"{targets.root}:{len(targets.image_ids)}"
-    if key not in _BASE_VIEW:
-        _BASE_VIEW.clear()
-        _BASE_VIEW[key] = CocoConceptDataset(targets.root, classes=BASE_CLASSES, image_ids=targets.image_ids)
-    return _BASE_VIEW[key]
 
 
 def evaluate(cfg: TrainConfig, models: Models, zsl: TraditionalZSL, entailment: dict[str, ContextualEntailment],

@@ -99,7 +99,8 @@ def build_samples(dataset: CocoConceptDataset, ids: list[int], models, entailmen
                 fused = []
                 for u, vector in enumerate(unseen_vectors):
                     prob = local.predict(cells, known_vectors, vector)
-                    y_hat = None if prob is None else stripe_shares(torch.from_numpy(prob.reshape(-1)), st.shape[-1]).numpy()
+                    y_hat = (None if prob is None
+                             else stripe_shares(torch.from_numpy(prob.reshape(-1)), st.shape[-1]).numpy())
                     fused.append(fuse(y_hat, v_hat[u]))
                 v_hat = np.stack(fused)
             stripes = torch.from_numpy(np.asarray(v_hat)).float()

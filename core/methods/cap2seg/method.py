@@ -6,7 +6,7 @@ For a word on an image: each pixel goes to the arg max over the candidate classe
 word's mask is where it wins. `setting=zsl` (the default) competes with background only, `setting=gzsl` also
 with the 48 seen classes (the paper's generalised setting; here the seen classes win most unseen pixels:
 held-out strict target mIoU 0.025 against 0.105 for zsl, and base 0.145 against 0.191, README). With a caption (or several, one per line), the presence score is the
-caption's occurrence probability s_{x,c} (eq. 2; the most likely over the captions) and the stripe distribution
+caption's occurrence probability s_{x,c} (eq. 2; the mean over the captions) and the stripe distribution
 is drawn as a caption prior; without one, presence is the word's largest pixel probability and the result says
 that it had no caption. `lambda_rs=0` loads the network trained without L_RS (the ablation).
 Trained by `ovseg train cap2seg`; ships in assets/checkpoints/cap2seg/.
@@ -113,7 +113,8 @@ class Cap2Seg(Method):
         if self._local is None:
             from ovseg.core.methods.cap2seg.local import WEIGHTS_FILE, LocalInference
 
-            self._local = LocalInference.load(self.folder, self.models.device) if (self.folder / WEIGHTS_FILE).is_file() else False
+            found = (self.folder / WEIGHTS_FILE).is_file()
+            self._local = LocalInference.load(self.folder, self.models.device) if found else False
         return self._local or None
 
     def local_prior(self, state: ImageState, word: str) -> np.ndarray | None:
@@ -131,7 +132,8 @@ class Cap2Seg(Method):
             vectors = self.models.embed_words(self.seen).float().to(self.models.device)
             with torch.no_grad():
                 winner = class_scores(self._features(state), vectors).argmax(0).cpu().numpy()
-            masks = {known.index(c): winner == i for i, c in enumerate(self.seen) if c != BACKGROUND and (winner == i).any()}
+            masks = {known.index(c): winner == i for i, c in enumerate(self.seen)
+                     if c != BACKGROUND and (winner == i).any()}
             state.cache[key] = (grid_labels(masks, local.config.grid),
                                 self.models.embed_words(known).float().cpu())
         cells, known_vectors = state.cache[key]
