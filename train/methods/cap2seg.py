@@ -208,10 +208,11 @@ def epoch_pairs(images: list[CaptionedImage], active: list[str], negatives: int,
     zeros = np.zeros(k)
     active_set = set(active)
     index = {n: i for i, n in enumerate(BASE_CLASSES)}
+    vocab_set = frozenset(vocabulary)
     for j, img in enumerate(images):
         pos = [n for n in img.present if n in active_set]
         absent = [n for n in active if n not in img.stripes]
-        named = sorted(n for n in img.nouns if n in set(vocabulary)) if noun_pairs else []
+        named = sorted(img.nouns & vocab_set) if noun_pairs else []
         for caption in img.captions:
             neg = list(rng.choice(absent, size=min(negatives, len(absent)), replace=False)) if absent else []
             pairs += [Pair(caption, n, 1.0, img.stripes[n], True, j, index[n]) for n in pos]
@@ -501,7 +502,9 @@ def evaluate(cfg: TrainConfig, models: Models, zsl: TraditionalZSL, entailment: 
            "positives": {n: int(labels[n].sum()) for n in names}, "table1": table, "stripe_cosine": cos}
     if branches:
         known = models.embed_words(list(BASE_CLASSES)).float().cpu()
-        global_stripes = {run: caption_priors(ent)[1] for run, (ent, _) in branches.items()}
+        done = {id(model): row for row, model in entailment.items()}  # Table 1's run already scored these
+        global_stripes = {run: stripes[done[id(ent)]] if id(ent) in done else caption_priors(ent)[1]
+                          for run, (ent, _) in branches.items()}
         out["table3"] = table3(targets, ids, names, labels, global_stripes,
                                {run: loc for run, (_, loc) in branches.items()}, known,
                                models.embed_words(names).float().cpu(), held, cfg.k)

@@ -28,7 +28,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ovseg.core.errors import OvsegError
 
@@ -190,9 +189,3 @@ def sample_sources(labels: np.ndarray, exclude: int, n_sub: int, rng: np.random.
 def fuse(y_hat: np.ndarray | None, v_hat: np.ndarray) -> np.ndarray:
     """Sec. 3.5: V* = (Y_hat + V_hat) / 2; V_hat alone when the local branch had no source."""
     return np.asarray(v_hat, np.float64) if y_hat is None else (np.asarray(y_hat) + np.asarray(v_hat)) / 2.0
-
-
-def upsample_grid(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """(grid, grid) -> (H, W) float32, bilinear."""
-    t = torch.from_numpy(np.asarray(prob, np.float32))[None, None]
-    return F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0, 0].numpy()

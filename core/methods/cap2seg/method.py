@@ -101,11 +101,15 @@ class Cap2Seg(Method):
             margin = scores[0] - scores[1:].max(dim=0).values
         return prob, margin
 
-    def caption_priors(self, captions: list[str], word: str) -> tuple[float, np.ndarray]:
+    def caption_priors(self, state: ImageState, captions: list[str], word: str) -> tuple[float, np.ndarray]:
         """(occurrence s_{x,c}, the stripe distribution V_hat (K,)): each the mean over the captions (as the
-        trainer's Table 1 scores an image)."""
-        occ, stripes = self.entailment.predict(captions, [word] * len(captions))
-        return float(occ.mean()), stripes.mean(axis=0)
+        trainer's Table 1 scores an image). Kept in the image's cache: presence and predict ask for the same
+        word, and both networks (lambda_rs) share the one entailment model of the folder."""
+        key = ("cap2seg-captions", str(self.folder), tuple(captions), word)
+        if key not in state.cache:
+            occ, stripes = self.entailment.predict(captions, [word] * len(captions))
+            state.cache[key] = (float(occ.mean()), stripes.mean(axis=0))
+        return state.cache[key]
 
     @property
     def local(self):
@@ -142,7 +146,7 @@ class Cap2Seg(Method):
     def presence(self, state: ImageState, concept, caption=None) -> float:
         captions = split_captions(caption)
         if captions:
-            return self.caption_priors(captions, concept)[0]
+            return self.caption_priors(state, captions, concept)[0]
         return float(self._probabilities(state, concept)[0].max())
 
     def predict(self, state: ImageState, concept, negatives=(), caption=None) -> ConceptResult:
@@ -162,16 +166,16 @@ class Cap2Seg(Method):
         local_map = self.local_prior(state, concept)
         y_hat = None
         if local_map is not None:
-            from ovseg.core.methods.cap2seg.local import stripe_shares, upsample_grid
+            from ovseg.core.methods.cap2seg.local import stripe_shares
 
             y_hat = stripe_shares(torch.from_numpy(local_map.reshape(-1)), K_STRIPES).numpy()
-            priors.append(Prior(np.clip(upsample_grid(local_map, size), 0, 1), self.name, concept, "local",
+            priors.append(Prior(upsample_map(torch.from_numpy(local_map), size), self.name, concept, "local",
                                 float(local_map.max()), label="local prior (sec. 3.4, from predicted seen classes)"))
             details["local_sources"] = "the engine's own seen-class predictions (GZSL arg max)"
         if captions:
             from ovseg.core.methods.cap2seg.local import fuse
 
-            occurrence, stripes = self.caption_priors(captions, concept)
+            occurrence, stripes = self.caption_priors(state, captions, concept)
             fused = fuse(y_hat, stripes)
             score = occurrence
             priors.insert(0, Prior(stripe_map(stripes, size), self.name, concept, "caption", occurrence,
