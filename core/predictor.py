@@ -124,6 +124,7 @@ class Predictor:
         positives, _ = parse_concepts(concepts)
         m = self.method(method or self.methods[0])
         caption = _caption_text(caption)
+        m.prepare(state, positives, caption)
         return {w: m.presence(state, w, caption) for w in positives}
 
     def predict(
@@ -150,6 +151,7 @@ class Predictor:
         results = []
         for name in parse_methods(methods) if methods else self.methods:
             method = self.method(name)
+            method.prepare(state, [*positives, *negs], caption)
             for concept in positives:
                 results.append(method.predict(state, concept, negs, caption))
         return Prediction(image_size=state.size, results=results, negatives=negs, caption=caption)

@@ -38,10 +38,12 @@ def gallery_items(out, image) -> list[tuple]:
             overlay, note = prior_overlay(image, prior.map, prior.kind, sparse)
             if prior.kind == "noise":
                 overlay = with_colour_scale(overlay, "agree", "disagree", "noise")
-            if prior.kind == "caption" and r.details.get("stripes"):  # Cap2Seg: where the caption puts the word
-                fused = prior.label.startswith("fused") and r.details.get("fused_stripes")
-                overlay = (with_stripe_bars(overlay, r.details["fused_stripes"], "caption + local") if fused
-                           else with_stripe_bars(overlay, r.details["stripes"]))
+            if prior.kind == "caption":  # Cap2Seg (and fused with a caption): where the caption puts the word
+                own, fused = r.details.get("stripes"), r.details.get("fused_stripes")
+                if fused and (prior.label.startswith("fused") or not own):
+                    overlay = with_stripe_bars(overlay, fused, "caption + local")
+                elif own:
+                    overlay = with_stripe_bars(overlay, own)
             kind = prior.label + (f" ({note})" if note else "")
             items.append((overlay, f"{r.concept} · {kind} · score {score:.2f}"))
         rgb = tuple(int(c) for c in colour(words.index(r.concept)))

@@ -90,6 +90,11 @@ class Method:
             return None
         return float(param.default)
 
+    def prepare(self, state: ImageState, concepts: list[str], caption: str | None = None) -> None:
+        """Called with every word of a request before `predict`/`presence` run word by word: a method whose
+        per-word work batches well (a text model over the captions) does it here for all words at once and
+        keeps it in `state.cache`. The default does nothing."""
+
     def predict(
         self, state: ImageState, concept: str, negatives: tuple[str, ...] = (), caption: str | None = None
     ) -> ConceptResult:

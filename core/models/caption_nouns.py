@@ -363,6 +363,20 @@ def class_of_noun(noun: str, classes: tuple[str, ...]) -> str | None:
     return None
 
 
+def caption_names(caption: str, word: str) -> bool:
+    """Whether the caption names the word or a kind of it: one of its object nouns is the word, a WordNet
+    synonym, or a hyponym ("a man on a horse" names person; "a tabby on a bed" names cat), or the caption
+    contains the word as written (Cap2Seg's exact match, which also reads words that are no object noun)."""
+    from ovseg.core.methods.cap2seg.entailment import exact_match
+
+    word = word.strip().lower()
+    if not word:
+        return False
+    if exact_match(caption, word):
+        return True
+    return any(class_of_noun(n.lemma, (word,)) == word for n in object_nouns(caption))
+
+
 @dataclass
 class _Unit:
     start: int

@@ -223,3 +223,21 @@ def test_coverage_of_coco_categories(lexicon, coco):
     assert total > 200  # coco_dev: 464 images, 5 captions each
     rate = hits / total
     assert rate >= 0.6, f"coverage {rate:.3f} ({hits}/{total}); misses, e.g.: {misses[:8]}"
+
+
+@pytest.mark.parametrize("caption, word, named", [
+    ("A man riding a horse on the beach.", "person", True),  # a kind of the word
+    ("a tabby sleeping on a bed", "cat", True),
+    ("Two puppies play in the grass.", "dog", True),  # plural of a kind
+    ("A cat lying on a blanket.", "cat", True),
+    ("A cat lying on a blanket.", "dog", False),  # a sibling kind is not the word
+    ("A cat lying on a blanket.", "person", False),
+    ("A woman holds an umbrella.", "umbrella", True),
+    ("A stop sign at the corner.", "stop sign", True),  # a multi-word name
+    ("", "cat", False),
+    ("A cat lying on a blanket.", "  ", False),
+])
+def test_caption_names_a_word_or_a_kind_of_it(caption, word, named):
+    from ovseg.core.models.caption_nouns import caption_names
+
+    assert caption_names(caption, word) is named

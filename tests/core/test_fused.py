@@ -72,6 +72,51 @@ def test_experts_are_mixed_by_familiarity():
     assert c.presence_threshold(0.5) == pytest.approx(0.3)
 
 
+def _caption_combiner() -> Combiner:
+    """A combiner whose caption experts read only the caption's occurrence (presence) and the stripe prior
+    (pixels), and whose caption-free experts read only the CAM."""
+    c = _combiner(0.0)
+    occ = Logistic(("caption_logit",), np.array([1.0]), 0.0, np.zeros(1), np.ones(1))
+    stripes = Logistic(("caption_stripes",), np.array([8.0]), -4.0, np.zeros(1), np.ones(1))
+    for k in ("any_word", "known_word"):
+        c.presence[k + "+caption"], c.present_at[k + "+caption"] = occ, 0.5
+        c.pixel[k + "+caption"], c.thresholds[k + "+caption"] = stripes, 0.6
+    return c
+
+
+def test_caption_experts_decide_only_with_caption_evidence():
+    c = _caption_combiner()
+    plain = {"cam": torch.tensor([[1.0], [0.0]])}
+    captioned = {**plain, "caption_stripes": torch.tensor([[0.0], [1.0]])}
+    assert c.reads_captions
+    assert c.experts(True) == ("known_word+caption", "any_word+caption")
+    assert c.experts(False, "pixel") == ("known_word", "any_word")
+    p_plain, t_plain, _ = c.pixel_probability(plain, known=0.0)
+    p_cap, t_cap, _ = c.pixel_probability(captioned, known=0.0)
+    assert p_plain[0, 0] > p_plain[1, 0] and t_plain == 0.5  # the CAM decides
+    assert p_cap[1, 0] > 0.95 > 0.05 > p_cap[0, 0] and t_cap == 0.6  # the stripe prior decides
+    # presence: the caption's occurrence (as a logit) moves it; without it the CAM mass does
+    said, denied = ({"cam_mass": 0.0, "caption_occurrence": v} for v in (0.95, 0.05))
+    assert c.presence_probability(said, 0.0)[0] == pytest.approx(0.95, abs=1e-3)
+    assert c.presence_probability(denied, 0.0)[0] == pytest.approx(0.05, abs=1e-3)
+    assert c.presence_probability({"cam_mass": 0.0}, 0.0)[0] == pytest.approx(0.5)
+    assert c.presence_threshold(0.0, captioned=True) == 0.5 and c.presence_threshold(0.0) == 0.2
+
+
+def test_a_combiner_without_caption_experts_ignores_captions():
+    c = _combiner(0.0)
+    assert not c.reads_captions and c.experts(True) == ("known_word", "any_word")
+    scores = {"cam_mass": 1.0, "caption_occurrence": 0.01}
+    assert c.presence_probability(scores, 0.0)[0] == c.presence_probability({"cam_mass": 1.0}, 0.0)[0]
+    # pixel caption experts are optional (`--caption-pixels`): presence ones alone do not need them
+    c = _caption_combiner()
+    for k in ("any_word", "known_word"):
+        del c.pixel[k + "+caption"]
+    maps = {"cam": torch.tensor([[1.0], [0.0]]), "caption_stripes": torch.tensor([[0.0], [1.0]])}
+    assert c.reads_captions and c.experts(True, "pixel") == ("known_word", "any_word")
+    assert c.pixel_probability(maps, 0.0)[0][0, 0] > 0.5
+
+
 # ------------------------------------------------------------------------------------- the bundled photos
 
 @pytest.fixture(scope="module")
@@ -115,3 +160,29 @@ def test_cup_covers_the_cup_not_the_table(fused, examples_dir):
     assert nonsense.score < cup.score and not nonsense.present
     for pl in cup.pseudo_labels:  # one instance per connected part, each inside the mask
         assert not (pl.mask & ~cup.mask).any()
+
+
+def test_a_caption_moves_presence_and_captions_off_ignores_it(fused, examples_dir):
+    """On the cat photo, a caption that names a cat raises the cat's presence and keeps the dog absent; the result
+    shows the caption prior and which experts decided; `fused[captions=off]` gives the caption-free answer."""
+    fused.set_image(examples_dir / "cat.jpg")
+    caption = "a cat lying on a bed\na close up of a tabby cat looking at the camera"
+    plain = fused.predict("cat, dog")
+    said = fused.predict("cat, dog", caption=caption)
+    off = fused.predict("cat, dog", caption=caption, methods="fused[captions=off]")
+    cat, dog = said.get("cat"), said.get("dog")
+    assert cat.present and not dog.present
+    assert cat.score > max(plain.get("cat").score, 0.95) and dog.score < 0.3
+    # the entailment model alone half-believes the dog (a near word); that no caption names it holds it down
+    assert cat.details["caption_occurrence"] > 0.9 and dog.details["caption_occurrence"] > 0.3
+    named = fused.predict("dog", caption="a dog and a cat lying on a bed").get("dog")
+    assert named.score > dog.score + 0.2
+    assert cat.details["captions"] == 2 and len(cat.details["fused_stripes"]) == 5
+    assert "evidence: caption stripes V* (Cap2Seg)" in {p.label for p in cat.priors}
+    assert set(cat.details["presence_experts"]) == {"known_word+caption", "any_word+caption"}
+    for word in ("cat", "dog"):
+        assert off.get(word).score == pytest.approx(plain.get(word).score)
+        assert "caption_occurrence" not in off.get(word).details
+        np.testing.assert_array_equal(off.get(word).mask, plain.get(word).mask)
+    # the caption is read once per word in one pass (prepare), and presence agrees with predict
+    assert fused.presence("cat, dog", caption=caption) == pytest.approx({"cat": cat.score, "dog": dog.score})

@@ -176,6 +176,16 @@ def test_tiny_training_loss_falls_and_reads_no_target_mask(tmp_path, decoded_cat
         np.testing.assert_allclose(fused.sum(), 1.0, atol=1e-3)
         assert not np.allclose(fused, with_caption.details["stripes"], atol=1e-4)
     assert np.array_equal(with_caption.mask, plain.mask)  # captions shape the priors, not the pixels' arg max
+    # `prepare` reads every word's caption priors in one batch: the same as one word at a time
+    captions = ["A cat on a blanket.", "A tabby cat looking up."]
+    fresh = ImageState.compute(models, load_image(EXAMPLES / "cat.jpg"), 448)
+    method.prepare(fresh, ["cat", "dog", "blanket"], "\n".join(captions))
+    for word in ("cat", "dog", "blanket"):
+        assert method._caption_key(captions, word) in fresh.cache
+        batched = fresh.cache[method._caption_key(captions, word)]
+        one = method.entailment.predict(captions, [word] * 2)
+        assert batched[0] == pytest.approx(float(one[0].mean()), abs=1e-4)
+        np.testing.assert_allclose(batched[1], one[1].mean(0), atol=1e-4)
 
 
 @pytest.mark.slow

@@ -10,6 +10,10 @@
    training.json (mask IoU per expert, presence AP, a reliability diagram of the presence probability).
 3. The shipped combiner.json holds each fold's model (used on the images of that fold) and one fitted on
    every image (used on all other images).
+
+The caption experts (`combiner.py`) are fitted on the held-out images that have captions in captions.json
+(with Cap2Seg's caption priors of the checkpoint in use); training.json compares every expert on those images
+("cross_fitted_captioned"), so the caption priors' worth is measured on the same pairs.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ import torch.nn.functional as F
 from ovseg.core.cache import atomic_write_bytes, atomic_write_json, replaced_folder
 from ovseg.core.methods.base import ImageState
 from ovseg.core.image_io import pixel_key as image_key
-from ovseg.core.methods.fused.combiner import (PIXEL_EXPERTS, PRESENCE_EXPERTS, Combiner, Logistic, pixel_features,
-                                               save, word_features)
+from ovseg.core.methods.fused.combiner import (PIXEL_EXPERTS, PRESENCE_EXPERTS, Combiner, Logistic, needs_captions,
+                                               pixel_features, save, word_features)
 from ovseg.core.methods.fused.evidence import Evidence
 from ovseg.core.models import Models
 from ovseg.core.ops.metrics import average_precision, best_f1_threshold
@@ -55,6 +59,9 @@ class TrainConfig:
     seed: int = SPLIT_SEED
     max_images: int | None = None
     evidence_file: str | None = None  # save the collected evidence here, or reuse it when it matches the images
+    captions: bool = True  # fit the caption experts on the images with captions (Cap2Seg's priors)
+    # also fit pixel experts that read the stripe and local priors (off: measured no better, README "fused")
+    caption_pixels: bool = False
 
 
 # ------------------------------------------------------------------------------------------------ evidence
@@ -69,8 +76,8 @@ def grid_target(mask: np.ndarray, grid: tuple[int, int]) -> tuple[torch.Tensor, 
 
 
 def collect(cfg: TrainConfig, models: Models, evidence: Evidence, dataset, ids: list[int], progress: bool) -> list[dict]:
-    """Per image: its key, and per base class its word scores, its presence label and (present classes) its
-    evidence maps with the grid target."""
+    """Per image: its key, whether it has captions, and per base class its word scores, its presence label and
+    (present classes) its evidence maps with the grid target; with the caption priors where it has captions."""
     from tqdm import tqdm
 
     images = []
@@ -79,9 +86,12 @@ def collect(cfg: TrainConfig, models: Models, evidence: Evidence, dataset, ids: 
         state = ImageState.compute(models, rgb, cfg.long_side)
         present = [n for n in dataset.classes_present(image_id) if n in BASE_CLASSES]
         assert_no_target_annotations(present)
-        entry = {"id": image_id, "key": image_key(rgb), "words": []}
+        captions = dataset.captions(image_id) if cfg.captions else []
+        if captions:  # one pass of the entailment model for every base class
+            evidence.cap2seg.caption_priors_many(state, captions, BASE_CLASSES)
+        entry = {"id": image_id, "key": image_key(rgb), "captioned": bool(captions), "words": []}
         for name in BASE_CLASSES:
-            ev = evidence.word(state, name)
+            ev = evidence.word(state, name, captions)
             row = {"name": name, "scores": dict(ev.scores), "present": name in present}
             if name in present:
                 target, counted = grid_target(training_mask(dataset, image_id, name), ev.maps["cam"].shape)
@@ -99,10 +109,10 @@ def load_or_collect(cfg: TrainConfig, models, evidence, dataset, ids: list[int],
     path = Path(cfg.evidence_file) if cfg.evidence_file else None
     if path is not None and path.is_file():
         images = torch.load(path, weights_only=False)
-        if [img["id"] for img in images] == list(ids):
+        if [img["id"] for img in images] == list(ids) and all("captioned" in img for img in images):
             log.info("reusing the evidence in %s", path)
             return images
-        log.warning("%s holds other images: collecting again", path)
+        log.warning("%s holds other images (or evidence without caption priors): collecting again", path)
     images = collect(cfg, models, evidence, dataset, ids, progress)
     if path is not None:
         import io
@@ -156,17 +166,26 @@ def pair_ious(model: Logistic, images: list[dict], thresholds) -> np.ndarray:
     return np.array(rows)
 
 
+def usable(images: list[dict], expert: str) -> list[dict]:
+    """The images an expert reads: the captioned ones for a caption expert, else all."""
+    return [img for img in images if img["captioned"]] if needs_captions(expert) else images
+
+
 def fit_combiner(images: list[dict], cfg: TrainConfig) -> Combiner:
-    """Both pixel experts (thresholds chosen by mean strict IoU on these images) and both presence experts."""
+    """The pixel experts (thresholds chosen by mean strict IoU on these images) and the presence experts; the
+    caption experts on the captioned images (none when there are none)."""
     pixel, thresholds = {}, {}
-    for expert, names in PIXEL_EXPERTS.items():
-        x, y = pixel_rows(images, names, cfg.pixel_fraction, cfg.seed)
+    experts = [e for e in PIXEL_EXPERTS if usable(images, e)]
+    for expert in [e for e in experts if cfg.caption_pixels or not needs_captions(e)]:
+        names, images_e = PIXEL_EXPERTS[expert], usable(images, expert)
+        x, y = pixel_rows(images_e, names, cfg.pixel_fraction, cfg.seed)
         pixel[expert] = Logistic.fit(names, x, y, cfg.l2)
-        ious = pair_ious(pixel[expert], images, THRESHOLDS).mean(0)
+        ious = pair_ious(pixel[expert], images_e, THRESHOLDS).mean(0)
         thresholds[expert] = float(THRESHOLDS[int(np.argmax(ious))])
     presence, present_at = {}, {}
-    for expert, names in PRESENCE_EXPERTS.items():
-        x, y = presence_rows(images, names)
+    for expert in experts:
+        names = PRESENCE_EXPERTS[expert]
+        x, y = presence_rows(usable(images, expert), names)
         presence[expert] = Logistic.fit(names, x, y, cfg.l2)
         present_at[expert] = best_f1_threshold(presence[expert](x).numpy(), y.numpy() > 0.5, decimals=3)[0]
     return Combiner(pixel, presence, thresholds, present_at)
@@ -193,24 +212,31 @@ def reliability_diagram(p: np.ndarray, y: np.ndarray, bins: int = 10, weight=Non
     return out
 
 
-def cross_fitted_figures(folds: list[list[dict]], models: list[Combiner]) -> dict:
+def cross_fitted_figures(folds: list[list[dict]], models: list[Combiner], experts) -> dict:
     """Each fold scored by the model fitted without it: strict grid mIoU of each pixel expert at its chosen
     threshold, presence AP (mean over base classes) and calibration of each presence expert, at the base rate
-    and the F1 of the present verdict at the threshold each fold chose."""
-    ious = {e: [] for e in PIXEL_EXPERTS}
-    presence = {e: ([], [], []) for e in PRESENCE_EXPERTS}  # probability, label, the fold's present threshold
+    and the F1 of the present verdict at the threshold each fold chose. Every expert is scored on the same
+    images (give captioned folds to compare the caption experts with the others)."""
+    experts = list(experts)
+    ious = {e: [] for e in experts}
+    presence = {e: ([], [], []) for e in experts}  # probability, label, the fold's present threshold
     names = []
     for images, combiner in zip(folds, models):
-        for expert, model in combiner.pixel.items():
-            ious[expert] += pair_ious(model, images, [combiner.thresholds[expert]])[:, 0].tolist()
-        for expert, model in combiner.presence.items():
+        for expert in experts:
+            if expert in combiner.pixel:
+                model = combiner.pixel[expert]
+                ious[expert] += pair_ious(model, images, [combiner.thresholds[expert]])[:, 0].tolist()
+        for expert in experts:
+            model = combiner.presence[expert]
             x, y = presence_rows(images, model.names)
             presence[expert][0].extend(model(x).tolist())
             presence[expert][1].extend(y.tolist())
             presence[expert][2].extend([combiner.present_at[expert]] * len(y))
         names += [w["name"] for img in images for w in img["words"]]
     names = np.array(names)
-    out = {"pairs": len(ious["any_word"]), "grid_miou": {e: round(float(np.mean(v)), 4) for e, v in ious.items()},
+    ious = {e: v for e, v in ious.items() if v}
+    out = {"images": sum(len(f) for f in folds), "pairs": len(ious[experts[0]]),
+           "grid_miou": {e: round(float(np.mean(v)), 4) for e, v in ious.items()},
            "share_iou_0.5": {e: round(float(np.mean(np.array(v) >= 0.5)), 4) for e, v in ious.items()},
            "presence": {}}
     for expert, (p, y, at) in presence.items():
@@ -221,7 +247,7 @@ def cross_fitted_figures(folds: list[list[dict]], models: list[Combiner]) -> dic
             "brier": round(float(np.mean((p - y) ** 2)), 4), "reliability": reliability_diagram(p, y),
             "f1_present": round(2 * float(((p >= np.array(at)) & y).sum())
                                 / max(int((p >= np.array(at)).sum() + y.sum()), 1), 4)}
-    out["presence_base_rate"] = round(float(np.mean(presence["any_word"][1])), 4)
+    out["presence_base_rate"] = round(float(np.mean(presence[experts[0]][1])), 4)
     return out
 
 
@@ -266,18 +292,26 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     folds = folds_of(images, cfg.folds, cfg.seed)
     fold_models = [fit_combiner([img for g, f in enumerate(folds) if g != k for img in f], cfg)
                    for k in range(cfg.folds)]
-    figures = cross_fitted_figures(folds, fold_models)
+    plain = [e for e in PIXEL_EXPERTS if not needs_captions(e)]
+    figures = cross_fitted_figures(folds, fold_models, plain)
+    captioned = [[img for img in f if img["captioned"]] for f in folds]
+    figures_captioned = None
+    if all(captioned) and all(m.reads_captions for m in fold_models):
+        figures_captioned = cross_fitted_figures(captioned, fold_models, PIXEL_EXPERTS)
     all_model = fit_combiner(images, cfg)
 
     summary = {
         "data": {"coco_dir": str(Path(cfg.coco_dir).resolve()), "images": len(images),
                  "held_out_ids_sha1": hashlib.sha1(json.dumps(sorted(held_ids)).encode()).hexdigest(),
+                 "captioned_images": sum(img["captioned"] for img in images),
                  "present_pairs": sum("maps" in w for img in images for w in img["words"]),
                  "presence_rows": sum(len(img["words"]) for img in images),
                  "classes": "base classes only (DESIGN.md split): their masks and presence; no target class is read",
                  "images_are": "the default split's held-out images: no trained head has seen them"},
         "thresholds_all": all_model.thresholds, "present_at_all": all_model.present_at,
         "cross_fitted": figures,
+        # every expert on the held-out images with captions: with and without the caption priors
+        "cross_fitted_captioned": figures_captioned,
         "weights_all": {"pixel": {k: dict(zip(m.names, np.round(m.weights, 3).tolist())) for k, m in
                                   all_model.pixel.items()},
                         "presence": {k: dict(zip(m.names, np.round(m.weights, 3).tolist())) for k, m in
@@ -302,13 +336,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="assets/checkpoints/fused", help="model folder (replaced when done)")
     p.add_argument("--folds", type=int, default=TrainConfig.folds, help="cross-fitting folds (default 2)")
     p.add_argument("--max-images", type=int, default=None, help="only the first N held-out images (quick runs)")
+    p.add_argument("--no-captions", action="store_true",
+                   help="fit no caption experts (the combiner then ignores captions)")
+    p.add_argument("--caption-pixels", action="store_true",
+                   help="also fit pixel experts on the caption stripe and local priors (measured no better)")
     p.add_argument("--evidence-file", default=None,
                    help="save the collected evidence to this file, or reuse it if it holds the same images")
 
 
 def run(args) -> Path:
     return train(TrainConfig(coco_dir=args.coco, out=args.out, folds=args.folds, max_images=args.max_images,
-                             evidence_file=args.evidence_file))
+                             evidence_file=args.evidence_file, captions=not args.no_captions,
+                             caption_pixels=args.caption_pixels))
 
 
 register_trainer("fused", "the default method's cross-fitted combiner (base classes of held-out images)",

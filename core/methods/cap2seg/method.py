@@ -101,15 +101,33 @@ class Cap2Seg(Method):
             margin = scores[0] - scores[1:].max(dim=0).values
         return prob, margin
 
+    def _caption_key(self, captions: list[str], word: str) -> tuple:
+        return ("cap2seg-captions", str(self.folder), tuple(captions), word)
+
     def caption_priors(self, state: ImageState, captions: list[str], word: str) -> tuple[float, np.ndarray]:
         """(occurrence s_{x,c}, the stripe distribution V_hat (K,)): each the mean over the captions (as the
         trainer's Table 1 scores an image). Kept in the image's cache: presence and predict ask for the same
         word, and both networks (lambda_rs) share the one entailment model of the folder."""
-        key = ("cap2seg-captions", str(self.folder), tuple(captions), word)
+        key = self._caption_key(captions, word)
         if key not in state.cache:
-            occ, stripes = self.entailment.predict(captions, [word] * len(captions))
-            state.cache[key] = (float(occ.mean()), stripes.mean(axis=0))
+            self.caption_priors_many(state, captions, [word])
         return state.cache[key]
+
+    def caption_priors_many(self, state: ImageState, captions: list[str], words) -> None:
+        """`caption_priors` of several words in one pass of the entailment model (every caption with every
+        word not yet in the image's cache)."""
+        todo = [w for w in dict.fromkeys(words) if self._caption_key(captions, w) not in state.cache]
+        if not captions or not todo:
+            return
+        occ, stripes = self.entailment.predict([c for _ in todo for c in captions],
+                                               [w for w in todo for _ in captions])
+        n = len(captions)
+        for i, w in enumerate(todo):
+            state.cache[self._caption_key(captions, w)] = (float(occ[i * n:(i + 1) * n].mean()),
+                                                           stripes[i * n:(i + 1) * n].mean(axis=0))
+
+    def prepare(self, state: ImageState, concepts, caption=None) -> None:
+        self.caption_priors_many(state, split_captions(caption), [c for c in concepts if c != BACKGROUND])
 
     @property
     def local(self):
@@ -143,6 +161,23 @@ class Cap2Seg(Method):
         cells, known_vectors = state.cache[key]
         return local.predict(cells, known_vectors, self.models.embed_words([word]).float().cpu()[0])
 
+    def caption_evidence(self, state: ImageState, captions: list[str], word: str) -> dict:
+        """Everything the captions and the local branch say about a word on the image: "occurrence" (s_{x,c}),
+        "stripes" (V_hat), "local" (the local prior on the lattice, or None), "local_stripes" (its stripe
+        shares Y_hat, or None) and "fused" (V*, or V_hat without a local prior). Without captions, only the
+        local entries."""
+        from ovseg.core.methods.cap2seg.local import fuse, stripe_shares
+
+        local_map = self.local_prior(state, word)
+        y_hat = None
+        if local_map is not None:
+            y_hat = stripe_shares(torch.from_numpy(local_map.reshape(-1)), K_STRIPES).numpy()
+        out = {"local": local_map, "local_stripes": y_hat}
+        if captions:
+            occurrence, stripes = self.caption_priors(state, captions, word)
+            out.update(occurrence=occurrence, stripes=stripes, fused=fuse(y_hat, stripes))
+        return out
+
     def presence(self, state: ImageState, concept, caption=None) -> float:
         captions = split_captions(caption)
         if captions:
@@ -163,20 +198,14 @@ class Cap2Seg(Method):
                    "competing_classes": len(self._candidates([concept, *negatives])) - 1}
         priors = [Prior(prob_map, self.name, concept, "probability", float(prob.max()),
                         label="class probability (eq. 12)")]
-        local_map = self.local_prior(state, concept)
-        y_hat = None
+        evidence = self.caption_evidence(state, captions, concept)
+        local_map = evidence["local"]
         if local_map is not None:
-            from ovseg.core.methods.cap2seg.local import stripe_shares
-
-            y_hat = stripe_shares(torch.from_numpy(local_map.reshape(-1)), K_STRIPES).numpy()
             priors.append(Prior(upsample_map(torch.from_numpy(local_map), size), self.name, concept, "local",
                                 float(local_map.max()), label="local prior (sec. 3.4, from predicted seen classes)"))
             details["local_sources"] = "the engine's own seen-class predictions (GZSL arg max)"
         if captions:
-            from ovseg.core.methods.cap2seg.local import fuse
-
-            occurrence, stripes = self.caption_priors(state, captions, concept)
-            fused = fuse(y_hat, stripes)
+            occurrence, stripes, fused = evidence["occurrence"], evidence["stripes"], evidence["fused"]
             score = occurrence
             priors.insert(0, Prior(stripe_map(stripes, size), self.name, concept, "caption", occurrence,
                                    label="caption prior: stripes V_hat"))

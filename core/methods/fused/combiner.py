@@ -11,6 +11,12 @@ familiarity (`Evidence.familiarity`); presence is mixed the same way from two pr
 are fitted on base classes only (`ovseg train fused`), on images no trained head has seen, with cross-fitting:
 each fold's model is fitted on the other folds' images and used on its own, so no image is scored by a model
 that learned from it.
+
+With captions, two more experts ("any_word+caption", "known_word+caption") read Cap2Seg's caption priors
+beside the same evidence (`Evidence.word(..., captions)`): the caption's occurrence probability of the word
+(presence), its stripe prior V* = (Y_hat + V_hat) / 2 drawn over the grid, and the local prior (pixels).
+They are fitted on the captioned images only, and used for a word on an image that has captions; without
+captions (or with `fused[captions=off]`) the caption-free pair decides, unchanged.
 """
 
 from __future__ import annotations
@@ -26,19 +32,36 @@ import torch
 # Chosen by cross-fitted strict IoU on held-out base pairs (README, "fused"): relative maps ("rel:") beat
 # absolute ones, and a threshold relative to the word's peak beats an absolute one.
 _ANY = ("rel:cam", "rel:cam_regions", "objectness", "rel:cam*objectness", "rel:cam_regions*objectness", "cam_top")
+_KNOWN = _ANY + ("rel:xpm", "xpm_top", "rel:attention", "rel:xpm*objectness", "xpm", "rel:attention*rel:cam")
+# Caption evidence (pixels): the stripe prior alone and gating the CAM and its object shapes. The local prior
+# joins the "known word" expert only: the local branch learnt its words' layouts from base classes (on them it
+# got a large weight, on target classes its cell AP is near the base rate: Table 3).
+_CAPTION = ("caption_stripes", "rel:cam*caption_stripes", "rel:cam_regions*caption_stripes")
+CAPTION = "+caption"  # the suffix of the experts that read captions
 PIXEL_EXPERTS = {
     "any_word": _ANY,
-    "known_word": _ANY + ("rel:xpm", "xpm_top", "rel:attention", "rel:xpm*objectness", "xpm", "rel:attention*rel:cam"),
+    "known_word": _KNOWN,
+    "any_word" + CAPTION: _ANY + _CAPTION,
+    "known_word" + CAPTION: _KNOWN + _CAPTION + ("local",),
 }
 # Presence experts: word-level features ("log_cam_mass" is log of the CAM mass).
 # Presence experts: monotone evidence only (a linear CAM mass beside its log, or the best region's mean CAM,
 # fitted the rare high-mass absences and ranked a dog above the cat on the cat photo). Concept Mask's
 # verification joins the "any word" expert: its tag vocabulary holds every caption noun (target classes too:
 # captions are fair), and it lifts the cross-fitted presence AP on held-out base classes from 0.44 to 0.53.
+# With captions: the logit of the caption's occurrence probability (eq. 2), the share of captions that name the
+# word or a kind of it, and the sentence-pooling cosine join both (`Evidence.word`).
+_CAPTION_SCORES = ("caption_logit", "caption_named", "caption_pooling")
 PRESENCE_EXPERTS = {
     "any_word": ("log_cam_mass", "verification"),
     "known_word": ("log_cam_mass", "related_rank", "xpm_best", "verification"),
+    "any_word" + CAPTION: ("log_cam_mass", "verification") + _CAPTION_SCORES,
+    "known_word" + CAPTION: ("log_cam_mass", "related_rank", "xpm_best", "verification") + _CAPTION_SCORES,
 }
+
+
+def needs_captions(expert: str) -> bool:
+    return expert.endswith(CAPTION)
 
 
 def _map(maps: dict[str, torch.Tensor], name: str) -> torch.Tensor:
@@ -65,6 +88,9 @@ def pixel_features(maps: dict[str, torch.Tensor], names) -> torch.Tensor:
 def _score(scores: dict[str, float], name: str) -> float:
     if name == "log_cam_mass":  # the mass spans decades
         return float(np.log(max(scores["cam_mass"], 1e-6)))
+    if name == "caption_logit":  # the entailment model is confident: its probabilities pile up at 0 and 1
+        p = min(max(scores["caption_occurrence"], 1e-4), 1 - 1e-4)
+        return float(np.log(p / (1 - p)))
     return float(scores[name])
 
 
@@ -141,22 +167,44 @@ class Combiner:
     thresholds: dict[str, float]
     present_at: dict[str, float]
 
+    @property
+    def reads_captions(self) -> bool:
+        """Whether this combiner has caption experts for presence (a combiner trained before them, or with
+        `--no-captions`, has not)."""
+        return all(k + CAPTION in self.presence for k in ("any_word", "known_word"))
+
+    def experts(self, captioned: bool, kind: str = "presence") -> tuple[str, str]:
+        """(the "known word" expert, the "any word" expert) of `kind` ("pixel" or "presence") for evidence with
+        or without caption priors; the caption-free pair where this combiner has no caption experts of that
+        kind (pixel caption experts are trained only with `--caption-pixels`)."""
+        experts = self.pixel if kind == "pixel" else self.presence
+        has = all(k + CAPTION in experts for k in ("any_word", "known_word"))
+        suffix = CAPTION if captioned and has else ""
+        return "known_word" + suffix, "any_word" + suffix
+
     def pixel_probability(self, maps: dict[str, torch.Tensor], known: float) -> tuple[torch.Tensor, float, dict]:
-        """(grid probability, mask threshold, {expert: its probability map}) of one word. The mask is
-        `probability >= threshold * its maximum` (`relative_mask`)."""
+        """(grid probability, mask threshold, {expert: its probability map}) of one word; the caption experts
+        decide when the evidence has caption priors. The mask is `probability >= threshold * its maximum`
+        (`relative_mask`)."""
         shape = next(iter(maps.values())).shape
-        each = {k: m(pixel_features(maps, m.names)).reshape(shape) for k, m in self.pixel.items()}
-        p = known * each["known_word"] + (1.0 - known) * each["any_word"]
-        t = known * self.thresholds["known_word"] + (1.0 - known) * self.thresholds["any_word"]
+        k_expert, a_expert = self.experts("caption_stripes" in maps, "pixel")
+        each = {k: self.pixel[k](pixel_features(maps, self.pixel[k].names)).reshape(shape)
+                for k in (k_expert, a_expert)}
+        p = known * each[k_expert] + (1.0 - known) * each[a_expert]
+        t = known * self.thresholds[k_expert] + (1.0 - known) * self.thresholds[a_expert]
         return p, t, each
 
     def presence_probability(self, scores: dict[str, float], known: float) -> tuple[float, dict]:
-        """(presence probability, {expert: its probability})."""
-        each = {k: float(m(word_features(scores, m.names)[None])[0]) for k, m in self.presence.items()}
-        return known * each["known_word"] + (1.0 - known) * each["any_word"], each
+        """(presence probability, {expert: its probability}); the caption experts decide when the scores
+        have the caption's occurrence."""
+        k_expert, a_expert = self.experts("caption_occurrence" in scores)
+        each = {k: float(self.presence[k](word_features(scores, self.presence[k].names)[None])[0])
+                for k in (k_expert, a_expert)}
+        return known * each[k_expert] + (1.0 - known) * each[a_expert], each
 
-    def presence_threshold(self, known: float) -> float:
-        return known * self.present_at["known_word"] + (1.0 - known) * self.present_at["any_word"]
+    def presence_threshold(self, known: float, captioned: bool = False) -> float:
+        k_expert, a_expert = self.experts(captioned)
+        return known * self.present_at[k_expert] + (1.0 - known) * self.present_at[a_expert]
 
     def to_dict(self) -> dict:
         return {"pixel": {k: v.to_dict() for k, v in self.pixel.items()},

@@ -20,6 +20,17 @@ and the word-level scores: CAM's presence mass, the classifier's probability of 
 class and that class's rank (log(1 + rank)), the best proposal's mean CAM, XPM's best probability, Concept
 Mask's verification cosine, and how well the engine knows the word (its nearness to the trained base
 vocabulary and to the ImageNet class names).
+
+With captions (`word(state, word, captions)`), Cap2Seg's caption priors join (`ovseg.core.methods.cap2seg`):
+- `caption_stripes`: the semi-global stripe prior V* = (Y_hat + V_hat) / 2 drawn over the grid (each row its
+  stripe's share, the largest 1);
+- `local`: the local branch's prior (sec. 3.4) on the grid, 0 where it has no known-class cell to read;
+- the score `caption_occurrence`: the mean over the captions of the occurrence probability s_{x,c} (eq. 2);
+- `caption_named`: the share of the captions that name the word or a kind of it (sec. 5.1's exact match:
+  WordNet synonyms and plurals, widened to hyponyms: "man" names person), and `caption_pooling`, sec. 5.1's
+  sentence pooling (the mean cosine of the captions' pooled word vectors with the word's). The entailment
+  model does not replace them here: on the cat photo with "a cat on a blanket" it gives "dog" 0.78 and
+  "person" 0.83 (it learnt which words are near, not which are named).
 """
 
 from __future__ import annotations
@@ -27,13 +38,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ovseg.core.checkpoints import in_use, packaged
+from ovseg.core.methods.cap2seg.entailment import sentence_pooling_scores
 from ovseg.core.methods.base import ImageState
 from ovseg.core.methods.xpm.model import XPMNet, word_scores
-from ovseg.core.models.caption_nouns import class_of_noun
+from ovseg.core.models.caption_nouns import caption_names, class_of_noun
 from ovseg.core.ops.boxes import paste_masks, rescale_boxes
 
 GRID = 128  # long side of the working grid the evidence maps share
@@ -75,6 +88,16 @@ class Evidence:
         self.attention = ConceptAttentionModel(packaged("concept_mask"), models.device, "attention")
         self.base_vocabulary = list(base_vocabulary)
         self._familiarity: dict[str, dict] = {}
+        self._cap2seg = None
+
+    @property
+    def cap2seg(self):
+        """The `cap2seg` method of the checkpoint in use (its caption priors), loaded on first use."""
+        if self._cap2seg is None:
+            from ovseg.core.methods.cap2seg.method import Cap2Seg
+
+            self._cap2seg = Cap2Seg(self.models)
+        return self._cap2seg
 
     # ------------------------------------------------------------------------------------------- per image
     @torch.no_grad()
@@ -154,7 +177,37 @@ class Evidence:
         return self._familiarity[word]
 
     @torch.no_grad()
-    def word(self, state: ImageState, word: str) -> WordEvidence:
+    def word(self, state: ImageState, word: str, captions=()) -> WordEvidence:
+        """The word's evidence; with captions (a sequence of strings), the caption priors too."""
+        captions = tuple(captions)
+        if not captions:
+            return self._word(state, word)
+        key = ("fused", "word", word, captions)
+        if key in state.cache:
+            return state.cache[key]
+        from ovseg.core.methods.cap2seg.method import stripe_map
+
+        ev = self._word(state, word)
+        gh, gw = ev.maps["cam"].shape
+        prior = self.cap2seg.caption_evidence(state, list(captions), word)
+        local = torch.zeros(gh, gw)
+        if prior["local"] is not None:
+            local = F.interpolate(torch.from_numpy(prior["local"])[None, None].float(), size=(gh, gw),
+                                  mode="bilinear", align_corners=False)[0, 0].clamp(0, 1)
+        stripes = torch.from_numpy(stripe_map(prior["fused"], (gh, gw)))
+        named = float(np.mean([caption_names(c, word) for c in captions]))
+        pooling = float(sentence_pooling_scores(captions, [word], self.models.embed_words)[:, 0].mean())
+        out = WordEvidence(maps={**ev.maps, "caption_stripes": stripes, "local": local},
+                           scores={**ev.scores, "caption_occurrence": float(prior["occurrence"]),
+                                   "caption_named": named, "caption_pooling": pooling},
+                           facts={**ev.facts, "caption": {"occurrence": float(prior["occurrence"]),
+                                                          "stripes": prior["fused"].tolist(),
+                                                          "captions": len(captions)}})
+        state.cache[key] = out
+        return out
+
+    @torch.no_grad()
+    def _word(self, state: ImageState, word: str) -> WordEvidence:
         key = ("fused", "word", word)
         if key in state.cache:
             return state.cache[key]
