@@ -211,3 +211,31 @@ def with_stripe_bars(image: np.ndarray, stripes, title: str = "caption says") ->
         _text(panel, f"{float(v):.2f}", (12, (y0 + y1) // 2 + int(10 * scale)), scale)
     _text(panel, title, (8, int(28 * scale) + 2), scale * 0.9)
     return np.concatenate([image, panel], axis=1)
+
+
+def group_overlay(image: np.ndarray, assignment, legend) -> np.ndarray:
+    """OVSegmentor's group view: every pixel tinted by the group its patch is bound to (the assignment map, any
+    size, upsampled by nearest neighbour), group outlines, and a legend panel on the right: one row per group
+    with its colour, its share of the image and the words it matches best."""
+    h, w = image.shape[:2]
+    groups = np.asarray(assignment, dtype=np.int32)
+    up = cv2.resize(groups.astype(np.float32), (w, h), interpolation=cv2.INTER_NEAREST).astype(np.int32)
+    out = image.astype(np.float32) * 0.45
+    for k in np.unique(up):
+        m = up == k
+        out[m] += 0.55 * colour(int(k)).astype(np.float32)
+        contours, _ = cv2.findContours(m.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, (255, 255, 255), 1)
+    out = out.clip(0, 255).astype(np.uint8)
+    panel_w = max(180, w // 2)
+    panel = np.full((h, panel_w, 3), 32, np.uint8)
+    scale = _font_scale(w) * 0.85
+    row = max(14, int(26 * scale))
+    _text(panel, "groups: best words", (8, row), scale)
+    for i, (k, share, words) in enumerate(legend):
+        y = row * (i + 2)
+        if y > h - 4:
+            break
+        cv2.rectangle(panel, (8, y - row + 6), (8 + row - 6, y), tuple(int(c) for c in colour(int(k))), -1)
+        _text(panel, f"{int(round(100 * share))}% {', '.join(words)}", (8 + row, y - 2), scale)
+    return np.concatenate([out, panel], axis=1)

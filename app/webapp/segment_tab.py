@@ -13,14 +13,23 @@ from ovseg.core.errors import OvsegError
 from ovseg.core.registry import available_methods
 
 
+# details the gallery draws rather than lists (a per-patch map)
+DRAWN_DETAILS = ("group_assignment",)
+
+
 def gallery_items(out, image) -> list[tuple]:
     """Per word: each prior as a heatmap overlay, then the mask overlay, with readable captions."""
-    from ovseg.app.render import (NOISY_BELOW, colour, mask_overlay, prior_overlay, pseudo_label_overlay,
-                                  side_by_side, sparse_saliency, with_colour_scale, with_stripe_bars)
+    from ovseg.app.render import (NOISY_BELOW, colour, group_overlay, mask_overlay, prior_overlay,
+                                  pseudo_label_overlay, side_by_side, sparse_saliency, with_colour_scale,
+                                  with_stripe_bars)
 
     words = list(dict.fromkeys(r.concept for r in out.results))
     items = []
     for r in out.results:
+        if "group_assignment" in r.details and r.concept == words[0]:  # OVSegmentor: the groups, once per image
+            items.append((group_overlay(image, r.details["group_assignment"], r.details.get("group_legend", [])),
+                          f"groups · {len(r.details.get('group_legend', []))} of {r.details.get('groups')} hold "
+                          "patches · legend: each group's best words"))
         pair = {p.kind: p for p in r.priors if p.kind in ("saliency_positive", "saliency_negative")}
         sparse = sparse_saliency(r.details)
         if len(pair) == 2:  # Golub et al.'s S+ and S-, side by side: how different they are is the point
@@ -76,6 +85,9 @@ def _cell(value) -> str:
         text = "yes" if value else "no"
     elif isinstance(value, float):
         text = f"{value:.3g}"
+    elif isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (list, tuple)) and len(v) == 3 and isinstance(v[2], (list, tuple)) for v in value):
+        text = "; ".join(f"{k}: {share:.0%} {'/'.join(words)}" for k, share, words in value)  # OVSegmentor's groups
     elif isinstance(value, (list, tuple)) and all(isinstance(v, (list, tuple)) and len(v) == 2 for v in value):
         text = ", ".join(f"{a} ({b:.3g})" if isinstance(b, float) else f"{a} ({b})" for a, b in value)
     elif isinstance(value, (list, tuple)):
@@ -98,7 +110,8 @@ def summary(out, image, set_ms, device: str) -> str:
         lines += ["", f"| {_cell(r.concept)} | {r.method} |", "|---|---|",
                   f"| presence score | {r.score:.2f} |", f"| present | {'yes' if r.present else 'no'} |",
                   f"| time | {r.ms:.0f} ms |"]
-        lines += [f"| {_cell(k.replace('_', ' '))} | {_cell(v)} |" for k, v in r.details.items()]
+        lines += [f"| {_cell(k.replace('_', ' '))} | {_cell(v)} |" for k, v in r.details.items()
+                  if k not in DRAWN_DETAILS]
     return "\n".join(lines)
 
 

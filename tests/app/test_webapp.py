@@ -220,6 +220,25 @@ def test_cap2seg_reads_the_caption_box_and_draws_where_the_caption_puts_the_word
 
 
 @pytest.mark.browser
+def test_ovsegmentor_shows_the_groups_with_their_best_words_and_each_word_s_mask(page):
+    _upload(page, EXAMPLES / "grace_hopper.jpg")
+    _choose_method(page, "ovsegmentor")
+    captions = _segment(page, "person, flag", images=5)  # the groups once, then per word its score map and mask
+    assert captions[0].startswith("groups · ") and "best words" in captions[0], captions
+    assert [c.split(" · ")[:2] for c in captions[1:]] == [
+        ["person", "group-word score (eq. 1), relative to its range"], ["person", "mask"],
+        ["flag", "group-word score (eq. 1), relative to its range"], ["flag", "mask"]], captions
+    status = _status(page)
+    assert "group legend" in status and "background threshold" in status, status
+    assert "group assignment" not in status  # drawn, not listed
+    _wait_for_result_images(page)
+    sizes = page.evaluate("Array.from(document.querySelectorAll('#results .thumbnail-item img'))"
+                          ".map(i => [i.naturalWidth, i.naturalHeight])")
+    assert sizes[0][0] > sizes[1][0] and sizes[0][1] == sizes[1][1], sizes  # the legend panel beside the groups
+    _screenshot(page, "app_ovsegmentor.png")
+
+
+@pytest.mark.browser
 def test_bad_upload_gives_a_readable_message(page, tmp_path):
     from playwright.sync_api import expect
 

@@ -62,6 +62,7 @@ class TrainConfig:
     captions: bool = True  # fit the caption experts on the images with captions (Cap2Seg's priors)
     # also fit pixel experts that read the stripe and local priors (off: measured no better, README "fused")
     caption_pixels: bool = False
+    groups: bool = True  # OVSegmentor's group evidence in the pixel experts (off: the combiner without it)
 
 
 # ------------------------------------------------------------------------------------------------ evidence
@@ -166,6 +167,12 @@ def pair_ious(model: Logistic, images: list[dict], thresholds) -> np.ndarray:
     return np.array(rows)
 
 
+def pixel_names(expert: str, cfg: TrainConfig) -> tuple[str, ...]:
+    """A pixel expert's features; without OVSegmentor's group evidence when `cfg.groups` is off."""
+    names = PIXEL_EXPERTS[expert]
+    return names if cfg.groups else tuple(n for n in names if not any(g in n for g in ("groups", "group_top")))
+
+
 def usable(images: list[dict], expert: str) -> list[dict]:
     """The images an expert reads: the captioned ones for a caption expert, else all."""
     return [img for img in images if img["captioned"]] if needs_captions(expert) else images
@@ -177,7 +184,7 @@ def fit_combiner(images: list[dict], cfg: TrainConfig) -> Combiner:
     pixel, thresholds = {}, {}
     experts = [e for e in PIXEL_EXPERTS if usable(images, e)]
     for expert in [e for e in experts if cfg.caption_pixels or not needs_captions(e)]:
-        names, images_e = PIXEL_EXPERTS[expert], usable(images, expert)
+        names, images_e = pixel_names(expert, cfg), usable(images, expert)
         x, y = pixel_rows(images_e, names, cfg.pixel_fraction, cfg.seed)
         pixel[expert] = Logistic.fit(names, x, y, cfg.l2)
         ious = pair_ious(pixel[expert], images_e, THRESHOLDS).mean(0)
@@ -323,7 +330,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     with replaced_folder(out) as tmp:
         save(tmp, all_model, [([img["key"] for img in f], m) for f, m in zip(folds, fold_models)],
              list(BASE_CLASSES), {"train": asdict(cfg)})
-        atomic_write_json(tmp / "config.json", {"train": asdict(cfg), "pixel_experts": PIXEL_EXPERTS,
+        atomic_write_json(tmp / "config.json", {"train": asdict(cfg),
+                                                "pixel_experts": {e: m.names for e, m in all_model.pixel.items()},
                                                 "presence_experts": PRESENCE_EXPERTS})
         atomic_write_json(tmp / "training.json", summary)
         atomic_write_bytes(tmp / "reliability.png", plot_reliability(figures))
@@ -340,6 +348,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fit no caption experts (the combiner then ignores captions)")
     p.add_argument("--caption-pixels", action="store_true",
                    help="also fit pixel experts on the caption stripe and local priors (measured no better)")
+    p.add_argument("--no-groups", action="store_true",
+                   help="leave OVSegmentor's group evidence out of the pixel experts (to measure what it adds)")
     p.add_argument("--evidence-file", default=None,
                    help="save the collected evidence to this file, or reuse it if it holds the same images")
 
@@ -347,7 +357,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> Path:
     return train(TrainConfig(coco_dir=args.coco, out=args.out, folds=args.folds, max_images=args.max_images,
                              evidence_file=args.evidence_file, captions=not args.no_captions,
-                             caption_pixels=args.caption_pixels))
+                             caption_pixels=args.caption_pixels, groups=not args.no_groups))
 
 
 register_trainer("fused", "the default method's cross-fitted combiner (base classes of held-out images)",

@@ -31,7 +31,11 @@ import torch
 # Pixel experts: feature names, "a*b" a product of two evidence maps.
 # Chosen by cross-fitted strict IoU on held-out base pairs (README, "fused"): relative maps ("rel:") beat
 # absolute ones, and a threshold relative to the word's peak beats an absolute one.
-_ANY = ("rel:cam", "rel:cam_regions", "objectness", "rel:cam*objectness", "rel:cam_regions*objectness", "cam_top")
+# OVSegmentor's groups join both pixel experts (learnt from captions only, not from any word's masks): the
+# word's group score relative to its best group, that group's region, and the region where the CAM agrees.
+GROUP_FEATURES = ("rel:groups", "group_top", "rel:cam*group_top")
+_ANY = ("rel:cam", "rel:cam_regions", "objectness", "rel:cam*objectness", "rel:cam_regions*objectness",
+        "cam_top") + GROUP_FEATURES
 _KNOWN = _ANY + ("rel:xpm", "xpm_top", "rel:attention", "rel:xpm*objectness", "xpm", "rel:attention*rel:cam")
 # Caption evidence (pixels): the stripe prior alone and gating the CAM and its object shapes. The local prior
 # joins the "known word" expert only: the local branch learnt its words' layouts from base classes (on them it

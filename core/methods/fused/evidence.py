@@ -16,6 +16,7 @@ Per word (cheap: a few matrix products on that grid):
 - `attention`: Concept Mask's refined attention of the word;
 - `xpm_top`, `cam_top`: the mask of the one proposal XPM finds most likely to show the word (eq. 2's region),
   and of the proposal with the highest mean CAM;
+`groups` and `group_top` (OVSegmentor: the word's group score, and the region of its nearest group),
 and the word-level scores: CAM's presence mass, the classifier's probability of the word's likeliest ImageNet
 class and that class's rank (log(1 + rank)), the best proposal's mean CAM, XPM's best probability, Concept
 Mask's verification cosine, and how well the engine knows the word (its nearness to the trained base
@@ -89,6 +90,28 @@ class Evidence:
         self.base_vocabulary = list(base_vocabulary)
         self._familiarity: dict[str, dict] = {}
         self._cap2seg = None
+        self._ovsegmentor = None
+
+    @property
+    def ovsegmentor(self):
+        """The `ovsegmentor` method of the checkpoint in use, loaded on first use; None without a checkpoint."""
+        if self._ovsegmentor is None:
+            from ovseg.core.methods.ovsegmentor.method import VARIANTS, OVSegmentor
+
+            found = (in_use("ovsegmentor") / VARIANTS["full"]).is_file()
+            self._ovsegmentor = OVSegmentor(self.models) if found else False
+        return self._ovsegmentor or None
+
+    def _group_maps(self, state: ImageState, word: str, grid: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """OVSegmentor's evidence on the grid: `groups`, the word's eq. 1 score mapped to [0, 1] (each patch its
+        group's cosine to the word), and `group_top`, the region of the group nearest the word."""
+        ovs = self.ovsegmentor
+        if ovs is None:
+            return {}
+        s = ovs.word_scores(state, [word])[0]
+        top = (s >= s.max() - 1e-6).float()
+        up = lambda m: F.interpolate(m[None, None].float(), size=grid, mode="nearest")[0, 0]  # noqa: E731
+        return {"groups": up((s + 1.0) / 2.0).clamp(0, 1), "group_top": up(top)}
 
     @property
     def cap2seg(self):
@@ -231,6 +254,7 @@ class Evidence:
         att = self.attention.attention(img["attention_maps"], w)["attention"]
         verification = float(self.attention.net.verification(img["head"], att[None], w.vector)[0])
         attention = F.interpolate(att[None, None].float(), size=(gh, gw), mode="bilinear", align_corners=False)[0, 0]
+        group_maps = self._group_maps(state, word, (gh, gw))
         fam = self.familiarity(word)
         probs = state.class_probs
         related_max = probs[self.cam.related_classes(word)["classes"]].max()
@@ -238,7 +262,7 @@ class Evidence:
         out = WordEvidence(
             maps={"cam": cam.clamp(0, 1), "cam_regions": cam_regions.clamp(0, 1), "objectness": objectness.clamp(0, 1),
                   "xpm": xpm.clamp(0, 1), "attention": attention.clamp(0, 1), "xpm_top": xpm_top.clamp(0, 1),
-                  "cam_top": cam_top.clamp(0, 1)},
+                  "cam_top": cam_top.clamp(0, 1), **group_maps},
             scores={"cam_mass": cam_mass, "cam_region_best": region_best, "xpm_best": xpm_best,
                     "verification": (1.0 + verification) / 2.0, "familiarity": fam["known"],
                     "imagenet_similarity": fam["imagenet_similarity"], "related_max": float(related_max),

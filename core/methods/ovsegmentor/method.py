@@ -1,0 +1,145 @@
+"""`ovsegmentor`: OVSegmentor (Xu et al., CVPR 2023, seed 004): image patches bound into K learnable groups,
+groups aligned to words, trained from image-caption pairs only (`ovseg train ovsegmentor`).
+
+For a word: each patch's score is sum_k A_jk cos(g_k, t_word) (eq. 1, A the binding module's soft assignment,
+t the word's prompt "a photo of a {word}." through MiniLM and the learned text projection); the word's mask is
+where it wins the arg max over the typed words (and any negatives) and its score clears the background
+threshold (chosen on base classes of the training images, `training.json`). Presence is the word's best
+group similarity. The result carries the group assignment map (each patch's group) and, per group, the words
+of the entity set it matches best, for the app's groups view.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ovseg.core.checkpoints import in_use
+from ovseg.core.errors import OvsegError
+from ovseg.core.methods.base import ImageState, Method, upsample_map
+from ovseg.core.methods.ovsegmentor.model import OVSegNet, patch_input
+from ovseg.core.methods.ovsegmentor.text import class_prompt
+from ovseg.core.registry import register_method
+from ovseg.core.types import ConceptResult, Prior
+
+def word_mask(scores: torch.Tensor, threshold: float, mode: str, size: tuple[int, int]) -> np.ndarray:
+    """The mask of the first word at image size from eq. 1 scores (C, h, w) in [-1, 1] (a mix of cosines):
+    where it wins the arg max over the words and clears the background threshold, either on the score mapped
+    to [0, 1] ("absolute", the paper's form) or relative to the word's peak on the image ("relative")."""
+    mine = (scores[0] + 1.0) / 2.0
+    if mode == "relative":
+        keep = mine >= threshold * mine.max()
+    else:
+        keep = mine >= threshold
+    wins = (scores[0] >= scores.max(0).values) & keep
+    return F.interpolate(wins[None, None].float(), size=size, mode="nearest")[0, 0].bool().cpu().numpy()
+
+
+# the ablation rows of the paper's Table 3 and the group count of Table 5, each a network in the checkpoint
+VARIANTS = {"full": "model.pt", "contrast": "contrast.pt", "entity": "contrast_entity.pt",
+            "mask": "contrast_mask.pt", "k16": "groups16.pt"}
+
+
+@register_method("ovsegmentor")
+class OVSegmentor(Method):
+    summary = "OVSegmentor: slot-attention groups on the frozen backbone, aligned to captions (contrast, entity, mask)"
+    trained = True
+
+    def __init__(self, models, checkpoint: str | Path | None = None, variant: str = "full",
+                 threshold: float | None = None):
+        """variant: "full" (all three losses), or an ablation: "contrast", "entity" (contrast + entity
+        completion), "mask" (contrast + mask consistency), "k16" (16 groups). threshold: the background
+        threshold in [0, 1] (default: the one chosen on base classes for this network, absolute on the eq. 1
+        score mapped to [0, 1] or relative to the word's peak, as chosen: `word_mask`)."""
+        super().__init__(models, checkpoint=checkpoint, variant=variant, threshold=threshold)
+        if variant not in VARIANTS:
+            raise OvsegError(f"ovsegmentor variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        self.folder = Path(checkpoint) if checkpoint is not None else in_use("ovsegmentor")
+        if variant != "full" and not (self.folder / VARIANTS[variant]).is_file():
+            raise OvsegError(f"{self.folder} holds no {variant!r} ablation network (the shipped checkpoint has the "
+                             "full model only): run `ovseg train ovsegmentor --out DIR` and use "
+                             f"ovsegmentor[checkpoint=DIR,variant={variant}]")
+        self.net, extra = OVSegNet.load(self.folder / VARIANTS[variant], models.device)
+        self.variant = variant
+        self.entities: list[str] = list(extra.get("entities", []))
+        self.background = float(extra.get("background_threshold", 0.5))
+        self.mode = str(extra.get("threshold_mode", "absolute"))
+        self.threshold = self.background if threshold is None else threshold
+        self._entity_emb = None
+
+    def _class_embeddings(self, words: list[str]) -> torch.Tensor:
+        sentences = self.models.text_encoder.embed([class_prompt(w) for w in words]).float().to(self.models.device)
+        with torch.no_grad():
+            return self.net.text_embedding(sentences)
+
+    def _out(self, state: ImageState) -> dict:
+        key = ("ovsegmentor", str(self.folder), self.variant)
+        if key not in state.cache:
+            with torch.no_grad():
+                state.cache[key] = self.net(patch_input(state.features))
+        return state.cache[key]
+
+    def word_scores(self, state: ImageState, words: list[str]) -> torch.Tensor:
+        """(len(words), h, w) eq. 1 scores in [-1, 1] (each patch its group's cosine to the word's prompt),
+        memoised per word on the image."""
+        key = ("ovsegmentor-scores", str(self.folder), self.variant)
+        memo = state.cache.setdefault(key, {})
+        todo = [w for w in dict.fromkeys(words) if w not in memo]
+        if todo:
+            with torch.no_grad():
+                s = self.net.patch_scores(self._out(state), self._class_embeddings(todo))[0]
+            memo.update(zip(todo, s))
+        return torch.stack([memo[w] for w in words])
+
+    def groups(self, state: ImageState, top: int = 2) -> dict:
+        """The group view: "assignment" (h, w) each patch's group (arg max of A), "legend" [(group, share of
+        the image, [its best entity words])] for the groups that hold any patch."""
+        out = self._out(state)
+        h, w = out["hw"]
+        assign = out["assignment"][0].argmax(-1).reshape(h, w)
+        legend = []
+        if self.entities and self._entity_emb is None:
+            self._entity_emb = self._class_embeddings(self.entities)
+        with torch.no_grad():
+            g = self.net.group_embeddings(out["groups"])[0]
+        for k in range(g.shape[0]):
+            share = float((assign == k).float().mean())
+            if share == 0:
+                continue
+            words = []
+            if self._entity_emb is not None:
+                sims = g[k] @ self._entity_emb.T
+                words = [self.entities[i] for i in torch.topk(sims, min(top, len(self.entities))).indices.tolist()]
+            legend.append((k, round(share, 3), words))
+        return {"assignment": assign.cpu().numpy().astype(np.int16), "legend": legend}
+
+    def presence(self, state: ImageState, concept, caption=None) -> float:
+        with torch.no_grad():
+            g = self.net.group_embeddings(self._out(state)["groups"])[0]
+            best = float((g @ self._class_embeddings([concept])[0]).max())
+        return min(1.0, max(0.0, (best + 1.0) / 2.0))
+
+    def predict(self, state: ImageState, concept, negatives=(), caption=None) -> ConceptResult:
+        t0 = time.perf_counter()
+        words = list(dict.fromkeys([concept, *negatives]))
+        scores = self.word_scores(state, words)  # (C, h, w)
+        mine = scores[0]
+        size = state.size
+        mask = word_mask(scores, self.threshold, self.mode, size)
+        low, high = float(mine.min()), float(mine.max())
+        rel = (mine - low) / max(high - low, 1e-6)
+        score = self.presence(state, concept)
+        view = self.groups(state)
+        details = {"variant": self.variant, "background_threshold": f"{self.threshold:.3f} ({self.mode})",
+                   "best_score": round(high, 3), "groups": self.net.config.groups,
+                   "group_legend": view["legend"], "group_assignment": view["assignment"].tolist()}
+        priors = [Prior(upsample_map(rel, size), self.name, concept, "group", score,
+                        label="group-word score (eq. 1), relative to its range")]
+        present = bool(mask.any()) and score > 0.5  # some group is nearer the word than orthogonal
+        return ConceptResult(concept, self.name, mask, score, present, priors, details=details,
+                             ms=(time.perf_counter() - t0) * 1000.0)
+
