@@ -275,7 +275,7 @@ def train_network(cfg: TrainConfig, pairs: Pairs, device: torch.device, progress
             for k, v in (("contrast", loss_c), ("entity", loss_e), ("mask", loss_m), ("total", loss)):
                 sums[k] += float(v.detach())
             bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}", epoch=epoch + 1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", epoch=epoch + 1)
         records.append({"epoch": epoch + 1, "lambda": lam, **{k: round(v / len(batches), 4) for k, v in sums.items()}})
     bar.close()
     return net.eval(), {"epochs": records, "steps": step}

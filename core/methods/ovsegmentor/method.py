@@ -97,7 +97,13 @@ class OVSegmentor(Method):
 
     def groups(self, state: ImageState, top: int = 2) -> dict:
         """The group view: "assignment" (h, w) each patch's group (arg max of A), "legend" [(group, share of
-        the image, [its best entity words])] for the groups that hold any patch."""
+        the image, [its best entity words])] for the groups that hold any patch; computed once per image."""
+        key = ("ovsegmentor-groups", str(self.folder), self.variant, top)
+        if key not in state.cache:
+            state.cache[key] = self._groups(state, top)
+        return state.cache[key]
+
+    def _groups(self, state: ImageState, top: int) -> dict:
         out = self._out(state)
         h, w = out["hw"]
         assign = out["assignment"][0].argmax(-1).reshape(h, w)
