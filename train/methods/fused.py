@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from ovseg.core.cache import atomic_write_bytes, atomic_write_json, replaced_folder
 from ovseg.core.methods.base import ImageState
 from ovseg.core.image_io import pixel_key as image_key
-from ovseg.core.methods.fused.combiner import (PIXEL_EXPERTS, PRESENCE_EXPERTS, Combiner, Logistic, needs_captions,
-                                               pixel_features, save, word_features)
+from ovseg.core.methods.fused.combiner import (GROUP_FEATURES, PIXEL_EXPERTS, PRESENCE_EXPERTS, Combiner, Logistic,
+                                               needs_captions, pixel_features, save, word_features)
 from ovseg.core.methods.fused.evidence import Evidence
 from ovseg.core.models import Models
 from ovseg.core.ops.metrics import average_precision, best_f1_threshold
@@ -110,10 +110,14 @@ def load_or_collect(cfg: TrainConfig, models, evidence, dataset, ids: list[int],
     path = Path(cfg.evidence_file) if cfg.evidence_file else None
     if path is not None and path.is_file():
         images = torch.load(path, weights_only=False)
-        if [img["id"] for img in images] == list(ids) and all("captioned" in img for img in images):
+        needed = maps_read(cfg)
+        if [img["id"] for img in images] == list(ids) and all(
+                "captioned" in img and all(needed <= set(w["maps"]) for w in img["words"] if "maps" in w)
+                for img in images):
             log.info("reusing the evidence in %s", path)
             return images
-        log.warning("%s holds other images (or evidence without caption priors): collecting again", path)
+        log.warning("%s holds other images (or older evidence, without caption priors or maps the experts read): "
+                    "collecting again", path)
     images = collect(cfg, models, evidence, dataset, ids, progress)
     if path is not None:
         import io
@@ -170,7 +174,13 @@ def pair_ious(model: Logistic, images: list[dict], thresholds) -> np.ndarray:
 def pixel_names(expert: str, cfg: TrainConfig) -> tuple[str, ...]:
     """A pixel expert's features; without OVSegmentor's group evidence when `cfg.groups` is off."""
     names = PIXEL_EXPERTS[expert]
-    return names if cfg.groups else tuple(n for n in names if not any(g in n for g in ("groups", "group_top")))
+    return names if cfg.groups else tuple(n for n in names if n not in GROUP_FEATURES)
+
+
+def maps_read(cfg: TrainConfig) -> set[str]:
+    """The evidence maps the caption-free pixel experts read ("rel:cam*objectness" reads cam and objectness)."""
+    return {part.removeprefix("rel:") for e in PIXEL_EXPERTS if not needs_captions(e)
+            for name in pixel_names(e, cfg) for part in name.split("*")}
 
 
 def usable(images: list[dict], expert: str) -> list[dict]:
@@ -233,7 +243,6 @@ def cross_fitted_figures(folds: list[list[dict]], models: list[Combiner], expert
             if expert in combiner.pixel:
                 model = combiner.pixel[expert]
                 ious[expert] += pair_ious(model, images, [combiner.thresholds[expert]])[:, 0].tolist()
-        for expert in experts:
             model = combiner.presence[expert]
             x, y = presence_rows(images, model.names)
             presence[expert][0].extend(model(x).tolist())

@@ -225,7 +225,7 @@ def train_network(cfg: TrainConfig, pairs: Pairs, device: torch.device, progress
     net = OVSegNet(config).to(device).train()
     ema = make_ema(net) if cfg.mask_loss else None
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = len(epoch_batches(pairs, cfg.batch_size, random.Random(0)))
+    steps_per_epoch = math.ceil(len(pairs.ids) / max(1, cfg.batch_size // 2))  # one per `epoch_batches` batch
     total = cfg.epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
@@ -310,7 +310,7 @@ def choose_threshold(net: OVSegNet, models: Models, images: list[dict]) -> tuple
     """The background threshold of eq. 1 with the best mean strict IoU over the base pairs, in either form
     (`word_mask`): absolute on the score mapped to [0, 1], or relative to the word's peak on the image.
     Returns (mode, threshold, {mode: [[threshold, mean IoU], ...]})."""
-    from ovseg.core.methods.ovsegmentor.method import word_mask
+    from ovseg.core.methods.ovsegmentor.method import threshold_mask
 
     names = sorted({n for img in images for n in img["masks"]})
     t_emb = net.text_embedding(models.text_encoder.embed([class_prompt(n) for n in names]).float().to(models.device))
@@ -319,12 +319,12 @@ def choose_threshold(net: OVSegNet, models: Models, images: list[dict]) -> tuple
     for img in images:
         out = net(img["features"].to(models.device))
         scores = net.patch_scores(out, t_emb)[0]
-        for n, m in img["masks"].items():
-            s = scores[names.index(n)]
+        for n, m in img["masks"].items():  # each word's score at image size once, then every threshold
+            s = F.interpolate(scores[names.index(n)][None, None], size=img["size"], mode="nearest")[0]
             gt, valid = m == 1, m != 255
             for mode in MODES:
                 for k, t in enumerate(THRESHOLDS):
-                    pred = word_mask(s[None], float(t), mode, img["size"]) & valid
+                    pred = threshold_mask(s, float(t), mode).cpu().numpy() & valid
                     union = (pred | gt).sum()
                     ious[mode][k] += (pred & gt).sum() / union if union else 1.0
             count += 1
@@ -335,30 +335,32 @@ def choose_threshold(net: OVSegNet, models: Models, images: list[dict]) -> tuple
 
 
 @torch.no_grad()
-def oracle_groups(folder: Path, variant: str, coco_dir: str, ids: list[int], models: Models) -> dict:
-    """Oracle-group mIoU on held-out images: for each image and present class, the best strict IoU of a single
-    group's region (the arg max of the binding assignment, at image size); target and base classes apart."""
+def oracle_groups(folder: Path, variants, coco_dir: str, ids: list[int], models: Models) -> dict:
+    """Oracle-group mIoU on held-out images, per variant: for each image and present class, the best strict IoU
+    of a single group's region (the arg max of the binding assignment, at image size); target and base classes
+    apart. Each image is decoded and run through the backbone once for every variant."""
     from ovseg.core.methods.base import ImageState
     from ovseg.core.methods.ovsegmentor.method import OVSegmentor
     from ovseg.core.ops.metrics import mask_iou
     from ovseg.train.coco import TARGET_CLASSES
 
     dataset = CocoConceptDataset(coco_dir, image_ids=ids)  # ground truth read for scoring only
-    method = OVSegmentor(models, checkpoint=folder, variant=variant)
-    per = {"target": {}, "base": {}}
+    methods = {v: OVSegmentor(models, checkpoint=folder, variant=v) for v in variants}
+    per = {v: {"target": {}, "base": {}} for v in methods}
     for image_id in ids:
         targets = dataset.concept_targets(image_id)
         if not targets.gt:
             continue
         state = ImageState.compute(models, dataset.load_rgb(image_id), 448)
-        assign = torch.from_numpy(method.groups(state)["assignment"].astype(np.int64))
-        up = F.interpolate(assign[None, None].float(), size=state.size, mode="nearest")[0, 0].long().numpy()
-        for c, gt in targets.gt.items():
-            valid = ~targets.crowd[c] if c in targets.crowd else None
-            best = max(mask_iou(up == k, gt, valid) for k in np.unique(up))
-            per["target" if c in TARGET_CLASSES else "base"].setdefault(c, []).append(best)
-    return {split: round(float(np.mean([np.mean(v) for v in d.values()])), 4) if d else None
-            for split, d in per.items()}
+        for v, method in methods.items():
+            assign = torch.from_numpy(method.groups(state)["assignment"].astype(np.int64))
+            up = F.interpolate(assign[None, None].float(), size=state.size, mode="nearest")[0, 0].long().numpy()
+            for c, gt in targets.gt.items():
+                valid = ~targets.crowd[c] if c in targets.crowd else None
+                best = max(mask_iou(up == k, gt, valid) for k in np.unique(up))
+                per[v]["target" if c in TARGET_CLASSES else "base"].setdefault(c, []).append(best)
+    return {v: {split: round(float(np.mean([np.mean(x) for x in d.values()])), 4) if d else None
+                for split, d in splits.items()} for v, splits in per.items()}
 
 
 # -------------------------------------------------------------------------------------------------- run
@@ -428,12 +430,12 @@ def evaluate_networks(folder: Path, cfg: TrainConfig, models: Models, held_ids: 
     predictor = Predictor(models=models, methods=list(specs.values()))
     metrics, _ = evaluate(cfg.coco_dir, list(specs.values()), predictor=predictor, progress=progress,
                           reference=False, held_out_only=True, captions=False)
+    oracle = oracle_groups(folder, list(specs), cfg.coco_dir, held_ids, models)
     rows = {}
     for v, spec in specs.items():
         m = metrics["methods"][spec]
         rows[v] = {"miou_target": round(m["concept_miou"]["target"], 4), "miou_base": round(m["concept_miou"]["base"], 4),
-                   "presence_ap_target": round(m["presence_ap"]["target"], 4),
-                   "oracle_group_miou": oracle_groups(folder, v, cfg.coco_dir, held_ids, models)}
+                   "presence_ap_target": round(m["presence_ap"]["target"], 4), "oracle_group_miou": oracle[v]}
     whole = metrics["reference"]["whole_image_mask"]["concept_miou"]
     return {"images": metrics["dataset"]["images"], "rows": rows,
             "whole_image_mask": {"target": round(whole["target"], 4), "base": round(whole["base"], 4)}}

@@ -12,11 +12,13 @@ are fitted on base classes only (`ovseg train fused`), on images no trained head
 each fold's model is fitted on the other folds' images and used on its own, so no image is scored by a model
 that learned from it.
 
-With captions, two more experts ("any_word+caption", "known_word+caption") read Cap2Seg's caption priors
-beside the same evidence (`Evidence.word(..., captions)`): the caption's occurrence probability of the word
-(presence), its stripe prior V* = (Y_hat + V_hat) / 2 drawn over the grid, and the local prior (pixels).
-They are fitted on the captioned images only, and used for a word on an image that has captions; without
-captions (or with `fused[captions=off]`) the caption-free pair decides, unchanged.
+With captions, two more presence experts ("any_word+caption", "known_word+caption") read Cap2Seg's caption
+priors beside the same evidence (`Evidence.word(..., captions)`): the caption's occurrence probability of the
+word, the share of captions naming it, and the sentence-pooling cosine. They are fitted on the captioned images
+only, and used for a word on an image that has captions; without captions (or with `fused[captions=off]`) the
+caption-free pair decides, unchanged. Pixel experts of the same names, on the stripe prior V* and the local
+prior, exist only in a combiner trained with `--caption-pixels` (measured no better); otherwise the caption-free
+pixel experts draw every mask.
 """
 
 from __future__ import annotations

@@ -10,8 +10,9 @@ instance to label. The result says which evidence decided it: the expert mix (by
 terms that pushed the mask's pixels most.
 
 With a caption (or several, one per line), Cap2Seg's caption priors join the evidence and the combiner's caption
-experts decide (`combiner.py`): the caption's occurrence probability moves presence, its stripe prior and the
-local prior move the pixels. `captions=off` ignores captions (the caption-free experts, as without one).
+experts decide presence (`combiner.py`); the stripe prior V* and the local prior are shown beside the mask and
+move its pixels only in a combiner trained with `--caption-pixels`. `captions=off` ignores captions (the
+caption-free experts, as without one).
 """
 
 from __future__ import annotations

@@ -30,13 +30,15 @@ def word_mask(scores: torch.Tensor, threshold: float, mode: str, size: tuple[int
     """The mask of the first word at image size from eq. 1 scores (C, h, w) in [-1, 1] (a mix of cosines):
     where it wins the arg max over the words and clears the background threshold, either on the score mapped
     to [0, 1] ("absolute", the paper's form) or relative to the word's peak on the image ("relative")."""
+    up = F.interpolate(scores[None].float(), size=size, mode="nearest")[0]  # nearest: the same as after the test
+    return threshold_mask(up, threshold, mode).cpu().numpy()
+
+
+def threshold_mask(scores: torch.Tensor, threshold: float, mode: str) -> torch.Tensor:
+    """`word_mask` on scores already at the mask's size (C, H, W): bool (H, W)."""
     mine = (scores[0] + 1.0) / 2.0
-    if mode == "relative":
-        keep = mine >= threshold * mine.max()
-    else:
-        keep = mine >= threshold
-    wins = (scores[0] >= scores.max(0).values) & keep
-    return F.interpolate(wins[None, None].float(), size=size, mode="nearest")[0, 0].bool().cpu().numpy()
+    keep = mine >= (threshold * mine.max() if mode == "relative" else threshold)
+    return (scores[0] >= scores.max(0).values) & keep
 
 
 # the ablation rows of the paper's Table 3 and the group count of Table 5, each a network in the checkpoint
@@ -72,7 +74,8 @@ class OVSegmentor(Method):
         self._entity_emb = None
 
     def _class_embeddings(self, words: list[str]) -> torch.Tensor:
-        sentences = self.models.text_encoder.embed([class_prompt(w) for w in words]).float().to(self.models.device)
+        # the prompts' MiniLM embeddings are memoised by Models.embed_words (presence and masks ask again)
+        sentences = self.models.embed_words([class_prompt(w) for w in words]).float().to(self.models.device)
         with torch.no_grad():
             return self.net.text_embedding(sentences)
 
