@@ -221,7 +221,8 @@ def cmd_train(args) -> int:
     from ovseg.train.registry import trainers
 
     out = trainers()[args.method].run(args)
-    print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    if out is not None:  # None: a torchrun process other than rank 0, which writes nothing
+        print(f"wrote {out}/ ({', '.join(sorted(p.name for p in out.iterdir()))})")
     return 0
 
 

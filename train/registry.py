@@ -12,7 +12,7 @@ from typing import Callable
 @dataclass(frozen=True)
 class Trainer:
     """`ovseg train NAME`: `add_arguments(parser)` declares its flags, `run(args) -> Path` trains and returns
-    the checkpoint folder it wrote."""
+    the checkpoint folder it wrote (None in a torchrun process other than rank 0, which writes nothing)."""
 
     name: str
     help: str

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ovseg.core.cache import atomic_write_json, replaced_folder
+from ovseg.core.cache import atomic_write_json, cache_dir, replaced_folder
 from ovseg.core.methods.ovsegmentor.method import VARIANTS
 from ovseg.core.methods.ovsegmentor.model import (OVSegConfig, OVSegNet, contrastive_loss, ema_update, make_ema,
                                                   mask_consistency, patch_input)
@@ -43,6 +43,11 @@ from ovseg.core.models import Models
 from ovseg.train.coco import (BASE_CLASSES, HOLDOUT_FRACTION, SPLIT_SEED, CocoConceptDataset,
                               assert_no_target_annotations, split_image_ids, training_mask)
 from ovseg.train.registry import register_trainer
+from ovseg.train.scale import dist
+from ovseg.train.scale.corpora import CocoCorpus, Corpus, open_corpus
+from ovseg.train.scale.dist import Context, all_reduce_sum, gather_rows
+from ovseg.train.scale.features import FeatureCache, module_fingerprint
+from ovseg.train.scale.loop import LoopConfig, fit, item_rng, item_seed, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +58,7 @@ class TrainConfig:
     out: str
     size: int = 384  # training input (square; the paper crops 224)
     epochs: int = 40  # the paper's 40
-    batch_size: int = 64
+    batch_size: int = 32  # anchor images per step, each with its partner (up to 64 rows)
     lr: float = 5e-4
     weight_decay: float = 0.05
     groups: int = 8
@@ -73,212 +78,255 @@ class TrainConfig:
     holdout_fraction: float = HOLDOUT_FRACTION
     seed: int = SPLIT_SEED
     max_images: int | None = None
+    fraction: float = 1.0  # train on this share of the training images (nested: 0.25 is inside 0.5)
     threads: int | None = None
+    data: str | None = None  # an image-caption corpus to train on (default: coco_dir's training split)
+    device: str = "auto"
+    amp: str = "auto"
+    workers: int = 0
+    feature_cache: bool = True
+    checkpoint_every: int = 20
+    resume: bool = False
+
+    def __post_init__(self):
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.batch_size < 2:
+            raise ValueError(f"the contrastive loss needs a batch of at least 2 images, got {self.batch_size}")
 
 
 # ------------------------------------------------------------------------------------------------ data
 
 @dataclass
-class Pairs:
-    """Everything training reads, in memory: per image its patch features and the indices of its captions;
-    per caption its embedding, masked token states, entity prompt embedding and entities."""
+class TextIndex:
+    """The text of every training image, computed once (text only, no features): per image its caption
+    indices; per caption the caption, its masked form, its entity prompt and its entities."""
 
-    ids: list[int]
-    patches: torch.Tensor  # (N, C, h, w) float16
     captions_of: list[list[int]]
     captions: list[str]
     labelled: list[bool]  # the caption was made from base-class labels
+    masked: list[str]
+    prompts: list[str]  # h(E), "" without entities
     entities: list[list[int]]  # per caption, indices into entity_names
     entity_names: list[str]
-    caption_emb: torch.Tensor  # (M, 384)
-    masked_tokens: torch.Tensor  # (M, T, 384) float16
-    masked_mask: torch.Tensor  # (M, T) bool
-    prompt_emb: torch.Tensor  # (M, 384): h(E), zeros without entities
-    entity_emb: torch.Tensor  # (E, 384): "a photo of a {e}."
+    keys: list[str]  # per image, the corpus key
+    corpus_index: list[int]  # per image, its index in the corpus
+
+    def by_entity(self) -> dict[int, list[tuple[int, int]]]:
+        out: dict[int, list[tuple[int, int]]] = {}
+        for img, caps in enumerate(self.captions_of):
+            for c in caps:
+                for e in self.entities[c]:
+                    out.setdefault(e, []).append((img, c))
+        return out
 
 
-def _features(models: Models, rgb: np.ndarray, size: int) -> torch.Tensor:
-    from ovseg.core.models.backbone import preprocess
-
-    x = preprocess(rgb, (size, size), models.device)
-    with torch.no_grad():
-        return patch_input(models.backbone(x))[0].to("cpu", torch.float16)
-
-
-def build_pairs(cfg: TrainConfig, models: Models, dataset: CocoConceptDataset, ids: list[int],
-                progress: bool) -> Pairs:
+def build_text_index(cfg: TrainConfig, corpus: Corpus, progress: bool) -> TextIndex:
+    """Captions of each corpus image; an image without one gets a caption made from its base-class labels
+    (never naming a target class); an image with neither is left out. Ω from the real captions, plus the
+    label captions' classes."""
     from tqdm import tqdm
 
     rng = random.Random(cfg.seed)
-    texts: list[list[str]] = []
-    made: list[tuple[str, list[str]] | None] = []  # a label caption's masked form and classes
-    feats = []
-    kept = []
-    for image_id in tqdm(ids, desc="ovsegmentor: features", unit="img", disable=not progress):
-        caps = dataset.captions(image_id)
+    texts, made, keys, kept = [], [], [], []
+    for i in tqdm(range(len(corpus)), desc="ovsegmentor: captions", unit="img", disable=not progress,
+                  mininterval=2.0):
+        caps = corpus.captions(i)
         label = None
         if not caps:
-            present = [n for n in dataset.classes_present(image_id) if n in BASE_CLASSES]
+            labels = corpus.labels(i)
+            present = [n for n in labels or () if n in BASE_CLASSES]
             assert_no_target_annotations(present)
             if not present:
                 continue  # nothing to say about it
             caption, masked, names = label_caption(present, rng)
             caps, label = [caption], (masked, names)
-        feats.append(_features(models, dataset.load_rgb(image_id), cfg.size))
         texts.append(caps)
         made.append(label)
-        kept.append(int(image_id))
-    omega = entity_set({i: t for i, t, m in zip(kept, texts, made) if m is None}, cfg.min_entity_images)
+        keys.append(corpus.key(i))
+        kept.append(i)
+    if not kept:
+        raise ValueError(f"{corpus.describe()}: no image has a caption or a base-class label to make one from")
+    omega = entity_set({k: t for k, t, m in zip(keys, texts, made) if m is None}, cfg.min_entity_images)
     omega = sorted(set(omega) | {n for m in made if m is not None for n in m[1]})
     index = {e: k for k, e in enumerate(omega)}
-    captions, caption_labelled, captions_of, ents, masked = [], [], [], [], []
+    out = TextIndex([], [], [], [], [], [], omega, keys, kept)
     for caps, label in zip(texts, made):
-        captions_of.append(list(range(len(captions), len(captions) + len(caps))))
+        out.captions_of.append(list(range(len(out.captions), len(out.captions) + len(caps))))
         for c in caps:
-            captions.append(c)
-            caption_labelled.append(label is not None)
             found = label[1] if label is not None else caption_entities(c, index)
-            ents.append([index[e] for e in found if e in index])
-            masked.append(label[0] if label is not None else mask_entities(c, index))
-    enc = models.text_encoder
-    caption_emb = enc.embed(captions).float().cpu()
-    tokens, token_mask = _token_states(enc, masked)
-    prompt_rng = random.Random(cfg.seed + 1)
-    prompts = [entity_prompt([omega[k] for k in e], prompt_rng) if e else "" for e in ents]
-    with_entities = [i for i, p in enumerate(prompts) if p]
-    prompt_emb = torch.zeros(len(captions), caption_emb.shape[1])
-    if with_entities:
-        prompt_emb[with_entities] = enc.embed([prompts[i] for i in with_entities]).float().cpu()
-    entity_emb = enc.embed([class_prompt(e) for e in omega]).float().cpu() if omega else torch.zeros(0, 384)
-    return Pairs(kept, torch.stack(feats), captions_of, captions, caption_labelled, ents, omega, caption_emb,
-                 tokens, token_mask, prompt_emb, entity_emb)
+            ents = [index[e] for e in found if e in index]
+            out.captions.append(c)
+            out.labelled.append(label is not None)
+            out.entities.append(ents)
+            out.masked.append(label[0] if label is not None else mask_entities(c, index))
+            prompt_rng = random.Random(item_seed(cfg.seed, -1, len(out.prompts)))
+            out.prompts.append(entity_prompt([omega[k] for k in ents], prompt_rng) if ents else "")
+    return out
 
 
-@torch.no_grad()
-def _token_states(enc, texts: list[str], batch: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """Last-layer token states (M, T, D) float16 (padded to the longest) and their mask (M, T)."""
-    states, masks = [], []
-    for i in range(0, len(texts), batch):
-        s = enc.tokens(texts[i : i + batch])
-        states.append(s.last.float().cpu())
-        masks.append(s.mask.bool().cpu())
-    t = max(s.shape[1] for s in states)
-    states = torch.cat([F.pad(s, (0, 0, 0, t - s.shape[1])) for s in states]).to(torch.float16)
-    masks = torch.cat([F.pad(m, (0, t - m.shape[1])) for m in masks])
-    return states, masks
+class PairSource:
+    """The training items: item i is anchor image i with one of its captions and, when one exists, a partner
+    image whose caption shares an entity with it (eq. 10-12's pair). Each row's patch features (the frozen
+    backbone at `size` x `size`, stride 32) and text states (the frozen MiniLM) are computed when the item is
+    read, through the optional on-disk `FeatureCache`; every random choice comes from `item_rng`. The frozen
+    models load lazily in each process (DataLoader workers included)."""
+
+    def __init__(self, cfg: TrainConfig, corpus: Corpus, text: TextIndex, entity_emb: torch.Tensor,
+                 models: Models | None = None):
+        self.cfg, self.corpus, self.text, self.entity_emb = cfg, corpus, text, entity_emb
+        self._by_entity = text.by_entity()
+        self._models = models
+        root = cache_dir() / "features" if cfg.feature_cache else None
+        self.image_cache = FeatureCache(root, f"ovsegmentor-patches-{cfg.size}")
+        self.text_cache = FeatureCache(root, "ovsegmentor-text")
+
+    def __getstate__(self):
+        return {**self.__dict__, "_models": None}
+
+    @property
+    def models(self) -> Models:
+        if self._models is None:
+            self._models = Models("cpu")
+        return self._models
+
+    def __len__(self) -> int:
+        return len(self.text.captions_of)
+
+    def patches(self, img: int) -> torch.Tensor:
+        from ovseg.core.models.backbone import preprocess
+
+        m, corpus_i = self.models, self.text.corpus_index[img]
+
+        def compute():
+            x = preprocess(self.corpus.load_rgb(corpus_i), (self.cfg.size, self.cfg.size), m.device)
+            with torch.no_grad():
+                return {"patches": patch_input(m.backbone(x))[0].to("cpu", torch.float16).numpy()}
+
+        parts = ("patches", module_fingerprint(m.backbone), self.cfg.size, self.corpus.fingerprint(corpus_i))
+        return torch.from_numpy(self.image_cache.get(parts, compute)["patches"]).float()
+
+    def text_states(self, cap: int) -> dict[str, torch.Tensor]:
+        enc = self.models.text_encoder
+        caption, masked, prompt = self.text.captions[cap], self.text.masked[cap], self.text.prompts[cap]
+
+        def compute():
+            with torch.no_grad():
+                embs = enc.embed([caption] + ([prompt] if prompt else []))
+                states = enc.tokens([masked])
+            return {"caption": embs[0].cpu().numpy(),
+                    "prompt": (embs[1] if prompt else torch.zeros_like(embs[0])).cpu().numpy(),
+                    "tokens": states.last[0].to("cpu", torch.float16).numpy()}
+
+        parts = ("text", module_fingerprint(enc.model), caption, masked, prompt)
+        return {k: torch.from_numpy(v) for k, v in self.text_cache.get(parts, compute).items()}
+
+    def row(self, img: int, cap: int, rng: random.Random, gen: torch.Generator) -> dict:
+        x = self.patches(img)
+        if rng.random() < 0.5:
+            x = x.flip(-1)
+        h, w = x.shape[-2:]
+        return {"patches": x, **self.text_states(cap), "has_entity": bool(self.text.entities[cap]),
+                "noise": torch.rand((h * w, self.cfg.groups), generator=gen)}
+
+    def item(self, i: int, epoch: int) -> dict:
+        rng, gen = item_rng(self.cfg.seed, epoch, i)
+        cap = rng.choice(self.text.captions_of[i])
+        rows = [self.row(i, cap, rng, gen)]
+        entity = None
+        shared = [e for e in self.text.entities[cap] if len(self._by_entity[e]) > 1]
+        if shared:
+            e = rng.choice(shared)
+            partners = [p for p in self._by_entity[e] if p[0] != i]
+            if partners:
+                img, pcap = rng.choice(partners)
+                rows.append(self.row(img, pcap, rng, gen))
+                entity = e
+        return {"rows": rows, "entity": entity}
+
+
+def collate(items: list[dict]) -> dict:
+    """Items -> one batch: rows stacked (anchors and partners), token states padded, and the (anchor row,
+    partner row, entity) triples of the pairs."""
+    rows, pairs = [], []
+    for it in items:
+        if it["entity"] is not None:
+            pairs.append((len(rows), len(rows) + 1, it["entity"]))
+        rows.extend(it["rows"])
+    t = max(r["tokens"].shape[0] for r in rows)
+    tokens = torch.stack([F.pad(r["tokens"].float(), (0, 0, 0, t - r["tokens"].shape[0])) for r in rows])
+    token_mask = torch.stack([torch.arange(t) < r["tokens"].shape[0] for r in rows])
+    return {"patches": torch.stack([r["patches"] for r in rows]), "noise": torch.stack([r["noise"] for r in rows]),
+            "caption": torch.stack([r["caption"] for r in rows]), "prompt": torch.stack([r["prompt"] for r in rows]),
+            "has_entity": torch.tensor([r["has_entity"] for r in rows]), "tokens": tokens, "token_mask": token_mask,
+            "pairs": pairs}
 
 
 # -------------------------------------------------------------------------------------------- training
 
-def epoch_batches(pairs: Pairs, batch_size: int, rng: random.Random) -> list[list[tuple[int, int]]]:
-    """Batches of (image, caption) rows: per batch, anchors in a random order, each followed by a partner
-    image whose chosen caption shares an entity with the anchor's (when one exists); one caption per image
-    drawn at random. Every image is an anchor once per epoch."""
-    by_entity: dict[int, list[tuple[int, int]]] = {}
-    for img, caps in enumerate(pairs.captions_of):
-        for c in caps:
-            for e in pairs.entities[c]:
-                by_entity.setdefault(e, []).append((img, c))
-    order = list(range(len(pairs.ids)))
-    rng.shuffle(order)
-    half = max(1, batch_size // 2)
-    batches = []
-    for start in range(0, len(order), half):
-        rows = []
-        for img in order[start : start + half]:
-            cap = rng.choice(pairs.captions_of[img])
-            rows.append((img, cap))
-            shared = [e for e in pairs.entities[cap] if len(by_entity[e]) > 1]
-            if shared:
-                e = rng.choice(shared)
-                partner = rng.choice([p for p in by_entity[e] if p[0] != img] or [None])
-                if partner is not None:
-                    rows.append(partner)
-        batches.append(rows)
-    return batches
+def make_step(cfg: TrainConfig, ctx: Context, ema: OVSegNet | None, entity_emb: torch.Tensor):
+    """eq. 13 for one batch, normalised for the global batch: the contrastive terms over every process's rows
+    (gathered), the mask term summed over this process's pairs and divided by the pairs of all processes."""
+    mask_start = int(cfg.mask_from * cfg.epochs)
 
-
-def shared_pairs(rows: list[tuple[int, int]], pairs: Pairs, rng: random.Random) -> tuple[list, list[int]]:
-    """(pairs of row positions (a, b) of different images that share an entity, that entity for each), at
-    most one pair per anchor row."""
-    out, ents = [], []
-    for a in range(len(rows) - 1):
-        b = a + 1
-        ia, ca = rows[a]
-        ib, cb = rows[b]
-        if ia == ib:
-            continue
-        common = sorted(set(pairs.entities[ca]) & set(pairs.entities[cb]))
-        if common:
-            out.append((a, b))
-            ents.append(rng.choice(common))
-    return out, ents
-
-
-def train_network(cfg: TrainConfig, pairs: Pairs, device: torch.device, progress: bool, desc: str) -> tuple[OVSegNet, dict]:
-    from tqdm import tqdm
-
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
-    config = OVSegConfig(in_channels=pairs.patches.shape[1], groups=cfg.groups, layers_before=cfg.layers_before,
-                         layers_after=cfg.layers_after, pos_grid=pairs.patches.shape[-1])
-    net = OVSegNet(config).to(device).train()
-    ema = make_ema(net) if cfg.mask_loss else None
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(pairs.ids) / max(1, cfg.batch_size // 2))  # one per `epoch_batches` batch
-    total = cfg.epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
-    records = []
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, dynamic_ncols=True)
-    step = 0
-    for epoch in range(cfg.epochs):
-        lam = cfg.mask_weight if (cfg.mask_loss and epoch >= int(cfg.mask_from * cfg.epochs)) else 0.0
-        sums = {"contrast": 0.0, "entity": 0.0, "mask": 0.0, "total": 0.0}
-        batches = epoch_batches(pairs, cfg.batch_size, rng)
-        for rows in batches:
-            imgs = torch.tensor([r[0] for r in rows])
-            caps = torch.tensor([r[1] for r in rows])
-            x = pairs.patches[imgs].float().to(device)
-            flip = torch.rand(len(rows)) < 0.5
-            x[flip] = x[flip].flip(-1)
-            out = net(x)
-            # eq. 7 over distinct images (a partner with the anchor's caption would be a false negative)
-            z_i = net.image_embedding(out["groups"])
-            z_t = net.text_embedding(pairs.caption_emb[caps].to(device))
-            loss_c = contrastive_loss(z_i, z_t, net.logit_scale)
-            loss = loss_c
-            loss_e = torch.zeros(())
-            if cfg.entity_loss:
-                has = torch.tensor([bool(pairs.entities[c]) for c in caps.tolist()], device=device)
-                z_m = net.complete(pairs.masked_tokens[caps].float().to(device), pairs.masked_mask[caps].to(device),
-                                   out["groups"])
-                z_e = net.text_embedding(pairs.prompt_emb[caps].to(device))
-                loss_e = contrastive_loss(z_m, z_e, net.logit_scale, valid=has)
-                loss = loss + loss_e
-            loss_m = torch.zeros(())
-            if cfg.mask_loss and lam > 0:
-                couples, ents = shared_pairs(rows, pairs, rng)
+    def step(net: OVSegNet, b: dict, epoch: int):
+        dev = ctx.device
+        lam = cfg.mask_weight if (cfg.mask_loss and epoch >= mask_start) else 0.0
+        x = b["patches"].to(dev, non_blocking=True)
+        out = net(x, noise=b["noise"].to(dev))
+        z_i, valid = gather_rows(net.image_embedding(out["groups"]))
+        z_t, _ = gather_rows(net.text_embedding(b["caption"].to(dev)))
+        loss_c = contrastive_loss(z_i, z_t, net.logit_scale, valid=valid)
+        loss = loss_c / ctx.world
+        loss_e = torch.zeros((), device=dev)
+        if cfg.entity_loss:
+            z_m, _ = gather_rows(net.complete(b["tokens"].to(dev), b["token_mask"].to(dev), out["groups"]))
+            z_e, _ = gather_rows(net.text_embedding(b["prompt"].to(dev)))
+            has, _ = gather_rows(b["has_entity"].to(dev, torch.float32)[:, None])
+            loss_e = contrastive_loss(z_m, z_e, net.logit_scale, valid=valid & has[:, 0].bool())
+            loss = loss + loss_e / ctx.world
+        mask_mean = 0.0
+        if lam > 0:
+            pairs = b["pairs"]
+            count = all_reduce_sum(torch.tensor([float(len(pairs))], device=dev))
+            if pairs:
                 with torch.no_grad():
                     ema_out = ema(x)
-                    ent = ema.text_embedding(pairs.entity_emb[ents].to(device)) if ents else None
-                loss_m = mask_consistency(out, ema_out, net, ema, couples, ent if ents else [], cfg.ratio, cfg.delta)
-                loss = loss + lam * loss_m
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema_update(ema, net, cfg.momentum)
-            step += 1
-            for k, v in (("contrast", loss_c), ("entity", loss_e), ("mask", loss_m), ("total", loss)):
-                sums[k] += float(v.detach())
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", epoch=epoch + 1)
-        records.append({"epoch": epoch + 1, "lambda": lam, **{k: round(v / len(batches), 4) for k, v in sums.items()}})
-    bar.close()
-    return net.eval(), {"epochs": records, "steps": step}
+                    ent = ema.text_embedding(entity_emb[[p[2] for p in pairs]].to(dev))
+                loss_m = mask_consistency(out, ema_out, net, ema, [p[:2] for p in pairs], ent, cfg.ratio,
+                                          cfg.delta) * len(pairs)  # the sum over this process's pairs
+            else:
+                loss_m = out["groups"].sum() * 0.0
+            if count.item() > 0:
+                loss = loss + lam * loss_m / count
+                mask_mean = float(all_reduce_sum(loss_m.detach().reshape(1).clone()) / count)
+        total = float(loss_c.detach()) + float(loss_e.detach()) + lam * mask_mean
+        return loss, {"contrast": float(loss_c.detach()), "entity": float(loss_e.detach()), "mask": mask_mean,
+                      "total": total, "lambda": lam}
+
+    return step
+
+
+def train_network(cfg: TrainConfig, source: PairSource, ctx: Context, progress: bool, desc: str,
+                  checkpoint: Path | None) -> tuple[OVSegNet, dict]:
+    torch.manual_seed(cfg.seed)
+    c_in = 1280 + 320 + 112
+    grid = cfg.size // 32
+    config = OVSegConfig(in_channels=c_in, groups=cfg.groups, layers_before=cfg.layers_before,
+                         layers_after=cfg.layers_after, pos_grid=grid)
+    net = OVSegNet(config).to(ctx.device).train()
+    ema = make_ema(net) if cfg.mask_loss else None
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total = cfg.epochs * steps_per_epoch(len(source), cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, total // 20)) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, amp=cfg.amp,
+                      checkpoint=str(checkpoint) if checkpoint else None, checkpoint_every=cfg.checkpoint_every,
+                      resume=cfg.resume, clip_grad=5.0, desc=desc, progress=progress)
+    record = fit(net, opt, sched, source, make_step(cfg, ctx, ema, source.entity_emb), loop, ctx, collate=collate,
+                 after_step=(lambda: ema_update(ema, net, cfg.momentum)) if ema is not None else None,
+                 extra={"ema": ema} if ema is not None else None)
+    return net.eval(), record
 
 
 # ------------------------------------------------------------------------------------ thresholds, scores
@@ -375,48 +423,119 @@ def variant_configs(cfg: TrainConfig) -> dict[str, TrainConfig]:
     return rows
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
+def training_corpus(cfg: TrainConfig, dataset: CocoConceptDataset, train_ids: list[int]) -> Corpus:
+    """The pairs to train on: `cfg.data` (any corpus `open_corpus` reads; a COCO folder keeps only the images
+    outside the default held-out split), else the COCO folder's training split; then `max_images` (an even
+    sample) or `fraction` (the first share of a seeded permutation, so smaller shares are inside larger ones)."""
+    if cfg.data is None:
+        corpus: Corpus = CocoCorpus(dataset, train_ids)
+    else:
+        corpus = open_corpus(cfg.data)
+        if isinstance(corpus, CocoCorpus):
+            train_ids, _ = split_image_ids(corpus.ids, cfg.holdout_fraction, cfg.seed)
+            corpus = CocoCorpus(corpus.dataset, train_ids)
+    keep = list(range(len(corpus)))
+    if cfg.max_images:
+        keep = keep[:: max(1, len(keep) // cfg.max_images)][: cfg.max_images]
+    elif cfg.fraction < 1.0:
+        order = keep[:]
+        random.Random(cfg.seed).shuffle(order)
+        keep = sorted(order[: max(cfg.batch_size, round(cfg.fraction * len(order)))])
+    return corpus if len(keep) == len(corpus) else _Subset(corpus, keep)
+
+
+class _Subset(Corpus):
+    def __init__(self, corpus: Corpus, keep: list[int]):
+        self.corpus, self.keep = corpus, keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def key(self, i: int) -> str:
+        return self.corpus.key(self.keep[i])
+
+    def captions(self, i: int) -> list[str]:
+        return self.corpus.captions(self.keep[i])
+
+    def image_bytes(self, i: int) -> bytes:
+        return self.corpus.image_bytes(self.keep[i])
+
+    def labels(self, i: int) -> list[str] | None:
+        return self.corpus.labels(self.keep[i])
+
+    def load_rgb(self, i: int) -> np.ndarray:
+        return self.corpus.load_rgb(self.keep[i])
+
+    def describe(self) -> str:
+        return f"{self.corpus.describe()}, {len(self.keep)} of them"
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
+    """Train every network (the full model, and with `ablation` the Table 3/5 rows) and write the folder; under
+    torchrun each process trains its share of every batch and rank 0 alone chooses thresholds, evaluates
+    and writes."""
+    ctx = dist.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, progress and ctx.main)
+    finally:
+        dist.teardown()
+
+
+def _train(cfg: TrainConfig, ctx: Context, progress: bool) -> Path | None:
     t_start = time.perf_counter()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    models = Models("cpu")
+    models = Models(ctx.device)
     dataset = CocoConceptDataset(cfg.coco_dir, classes=BASE_CLASSES)
     train_ids, held_ids = split_image_ids(dataset.image_ids, cfg.holdout_fraction, cfg.seed)
-    if cfg.max_images:  # an even sample of the training images (captioned and not, as in the whole split)
-        train_ids = train_ids[:: max(1, len(train_ids) // cfg.max_images)][: cfg.max_images]
-    pairs = build_pairs(cfg, models, dataset, train_ids, progress)
+    corpus = training_corpus(cfg, dataset, train_ids)
+    text = build_text_index(cfg, corpus, progress)
+    names = text.entity_names
+    entity_emb = models.text_encoder.embed([class_prompt(e) for e in names]).float().cpu() if names else \
+        torch.zeros(0, 384)
+    source = PairSource(cfg, corpus, text, entity_emb, models if ctx.device.type == "cpu" else None)
     t_data = time.perf_counter() - t_start
+    out = Path(cfg.out)
+    resume_dir = out.with_name(out.name + ".resume")
+    nets = {}
+    for variant, vcfg in variant_configs(cfg).items():
+        t0 = time.perf_counter()
+        net, record = train_network(vcfg, source, ctx, progress, f"ovsegmentor: {variant}",
+                                    resume_dir / f"{variant}.pt")
+        nets[variant] = (vcfg, net, record, time.perf_counter() - t0)
+    if not ctx.main:
+        return None
     threshold_data = base_pairs(models, dataset, train_ids[: cfg.threshold_images])
+    keys_sha1 = hashlib.sha1(json.dumps(sorted(text.keys)).encode()).hexdigest()
     summary = {
-        "data": {"coco_dir": str(Path(cfg.coco_dir).resolve()), "images": len(pairs.ids),
-                 "train_ids_sha1": hashlib.sha1(json.dumps(sorted(pairs.ids)).encode()).hexdigest(),
-                 "captioned_images": sum(not pairs.labelled[c[0]] for c in pairs.captions_of),
-                 "label_captioned_images": sum(pairs.labelled[c[0]] for c in pairs.captions_of),
-                 "captions": len(pairs.captions), "label_captions": sum(pairs.labelled),
-                 "entities": len(pairs.entity_names),
-                 "captions_with_entities": sum(bool(e) for e in pairs.entities),
+        "data": {"source": cfg.data or str(Path(cfg.coco_dir).resolve()), "corpus": corpus.describe(),
+                 "images": len(text.keys), "fraction": cfg.fraction, "train_ids_sha1": keys_sha1,
+                 "captioned_images": sum(not text.labelled[c[0]] for c in text.captions_of),
+                 "label_captioned_images": sum(text.labelled[c[0]] for c in text.captions_of),
+                 "captions": len(text.captions), "label_captions": sum(text.labelled),
+                 "entities": len(names), "captions_with_entities": sum(bool(e) for e in text.entities),
                  "read": "captions, base-class labels of uncaptioned images; base masks of "
                          f"{len(threshold_data)} training images for the background threshold only"},
-        "networks": {}, "seconds": {"data": round(t_data, 1)}}
-    out = Path(cfg.out)
+        "networks": {}, "seconds": {"text": round(t_data, 1)}}
     with replaced_folder(out) as tmp:
-        for variant, vcfg in variant_configs(cfg).items():
-            t0 = time.perf_counter()
-            net, record = train_network(vcfg, pairs, models.device, progress, f"ovsegmentor: {variant}")
+        for variant, (vcfg, net, record, seconds) in nets.items():
             mode, threshold, curves = choose_threshold(net, models, threshold_data)
-            net.save(tmp / VARIANTS[variant], {"entities": pairs.entity_names, "background_threshold": threshold,
+            net.save(tmp / VARIANTS[variant], {"entities": names, "background_threshold": threshold,
                                                "threshold_mode": mode, "train": asdict(vcfg)})
             summary["networks"][variant] = {"file": VARIANTS[variant], "groups": vcfg.groups,
                                             "losses": {"entity": vcfg.entity_loss, "mask": vcfg.mask_loss},
                                             "background_threshold": threshold, "threshold_mode": mode,
                                             "threshold_curves_base_iou": curves,
-                                            "training": record, "seconds": round(time.perf_counter() - t0, 1)}
+                                            "training": record, "seconds": round(seconds, 1)}
         atomic_write_json(tmp / "config.json", {"train": asdict(cfg)})
         if cfg.evaluate:
             summary["evaluation"] = evaluate_networks(tmp, cfg, models, held_ids, progress)
         summary["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
         summary["torch"] = torch.__version__
         atomic_write_json(tmp / "training.json", summary)
+    import shutil
+
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the run finished: nothing to resume
     log.info("saved %s", out)
     return out
 
@@ -442,18 +561,50 @@ def evaluate_networks(folder: Path, cfg: TrainConfig, models: Models, held_ids: 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--coco", default="../shared/data/coco_dev", help="COCO folder (images/, instances.json, captions.json)")
+    d = TrainConfig
+    p.add_argument("--coco", default="../shared/data/coco_dev",
+                   help="COCO folder (images/, instances.json, captions.json): the training pairs unless --data is "
+                        "given, the base masks of the background threshold, and the held-out evaluation")
+    p.add_argument("--data", default=None,
+                   help="train on this image-caption corpus instead: a COCO folder, a captions.jsonl / .csv file "
+                        "(or a folder with one), or WebDataset .tar shards (a file, a folder or a glob)")
     p.add_argument("--out", default="assets/checkpoints/ovsegmentor", help="model folder (replaced when done)")
-    p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
-    p.add_argument("--groups", type=int, default=TrainConfig.groups, help="K, the number of group tokens")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"anchor images per step over all processes, each with its partner (default {d.batch_size})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--groups", type=int, default=d.groups, help="K, the number of group tokens")
     p.add_argument("--max-images", type=int, default=None, help="an even sample of N training images (quick runs)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="train on this share of the training images (the data-scaling study: 0.25, 0.5, 1)")
+    p.add_argument("--threshold-images", type=int, default=d.threshold_images,
+                   help=f"training images whose base masks choose the background threshold (default {d.threshold_images})")
     p.add_argument("--no-ablation", action="store_true", help="train the full model only (no Table 3/5 rows)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+    add_scale_arguments(p, d)
 
 
-def run(args) -> Path:
-    return train(TrainConfig(coco_dir=args.coco, out=args.out, epochs=args.epochs, groups=args.groups,
-                             max_images=args.max_images, ablation=not args.no_ablation, evaluate=not args.no_eval))
+def add_scale_arguments(p: argparse.ArgumentParser, d) -> None:
+    """The flags every scalable trainer shares: device, mixed precision, workers, caches, resuming."""
+    p.add_argument("--device", default=d.device, choices=dist.DEVICE_CHOICES,
+                   help="auto: CUDA when visible, else CPU; under torchrun each process takes its local rank's GPU")
+    p.add_argument("--amp", default=d.amp, choices=("auto", "on", "off"),
+                   help="mixed precision: auto = float16 + GradScaler on CUDA, off on CPU")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process")
+    p.add_argument("--no-feature-cache", action="store_true",
+                   help="recompute frozen-model features every epoch instead of caching them on disk")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
+                   help=f"write the training state every N steps (default {d.checkpoint_every}) to <out>.resume/")
+    p.add_argument("--resume", action="store_true", help="go on from <out>.resume/ after an interrupted run")
+
+
+def run(args) -> Path | None:
+    return train(TrainConfig(coco_dir=args.coco, data=args.data, out=args.out, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, groups=args.groups, max_images=args.max_images,
+                             fraction=args.fraction, threshold_images=args.threshold_images,
+                             ablation=not args.no_ablation, evaluate=not args.no_eval, device=args.device,
+                             amp=args.amp, workers=args.workers, feature_cache=not args.no_feature_cache,
+                             checkpoint_every=args.checkpoint_every, resume=args.resume))
 
 
 register_trainer("ovsegmentor", "OVSegmentor's groups from image-caption pairs (contrast, entity completion, "

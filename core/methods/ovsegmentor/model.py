@@ -62,18 +62,21 @@ def patch_input(features) -> torch.Tensor:
 
 
 def slot_binding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hard: bool,
-                 gumbel: bool = False, scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 gumbel: bool = False, scale: float | None = None,
+                 uniform: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 4-5. q (B, K, D) group queries, k, v (B, L, D) patch keys and values. Returns (the updated groups
     (B, K, D), the soft assignment A (B, L, K), normalised over the groups for each patch). With `hard`, the
     assignment used for the update is one-hot forward and carries the softmax's gradient backward. With
     `gumbel` (training), Gumbel noise is added to the logits first, as GroupViT's hard-assignment trick [53]
-    does: without it one group claims every patch and the others never learn to bind."""
+    does: without it one group claims every patch and the others never learn to bind. `uniform` (B, L, K) in
+    (0, 1) gives the noise's uniform draws (the trainer draws them per sample, so that the noise does not
+    depend on how a batch is split among processes); by default they are drawn here."""
     if scale is None:
         logits = k @ q.transpose(1, 2) / q.shape[-1] ** 0.5  # (B, L, K)
     else:  # cosine logits at a fixed temperature 1/scale
         logits = scale * F.normalize(k, dim=-1) @ F.normalize(q, dim=-1).transpose(1, 2)
     if gumbel:
-        u = torch.rand_like(logits).clamp(1e-9, 1.0 - 1e-9)
+        u = (torch.rand_like(logits) if uniform is None else uniform.to(logits)).clamp(1e-9, 1.0 - 1e-9)
         logits = logits - torch.log(-torch.log(u))
     soft = torch.softmax(logits, dim=-1)
     used = soft
@@ -115,9 +118,10 @@ class OVSegNet(nn.Module):
         self.dec_proj = nn.Linear(c.dim, JOINT_DIM)
         self.logit_scale = nn.Parameter(torch.tensor(float(np.log(1 / 0.07))))
 
-    def forward(self, patches: torch.Tensor) -> dict:
+    def forward(self, patches: torch.Tensor, noise: torch.Tensor | None = None) -> dict:
         """patches (B, C, h, w) -> {"groups" (B, K, D), "image" (B, L, D) the output image tokens,
-        "assignment" (B, L, K) the soft binding A, "hw" (h, w)}."""
+        "assignment" (B, L, K) the soft binding A, "hw" (h, w)}. noise: (B, L, K) uniform draws for the Gumbel
+        noise of training (see `slot_binding`)."""
         c = self.config
         b, _, h, w = patches.shape
         x = self.patch(patches.flatten(2).transpose(1, 2))
@@ -131,7 +135,8 @@ class OVSegNet(nn.Module):
         for it in range(c.iterations):
             last = it == c.iterations - 1
             bound, soft = slot_binding(self.w_q(self.norm_g(grp)), k, v, c.hard_assignment and last,
-                                       gumbel=self.training and c.hard_assignment and last, scale=c.binding_scale)
+                                       gumbel=self.training and c.hard_assignment and last, scale=c.binding_scale,
+                                       uniform=noise)
             grp = grp + self.w_o(bound)  # eq. 6
         z = self.norm_out(self.enc2(torch.cat([img, grp], dim=1)))
         return {"groups": z[:, h * w:], "image": z[:, : h * w], "assignment": soft, "hw": (h, w)}

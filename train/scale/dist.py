@@ -1,0 +1,145 @@
+"""One process, one GPU, or N processes under `torchrun --nproc_per_node=N`: the same training code runs in
+each. `setup` reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and joins the process group, NCCL
+on GPUs and gloo on CPU; without it the run is a single process and every collective below is a no-op.
+
+Gradients are summed across processes (`sum_gradients`), not averaged: each process's loss is already
+normalised by the *global* batch (see `ovseg.train.scale.loop`), so the summed gradient is the gradient of a
+single process's loss on the whole batch, and N processes with global batch B train the same weights as one
+process with batch B (up to float rounding).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: its rank among `world` processes and the device it trains on."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that logs, draws progress bars and writes files."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" (CUDA when visible, else CPU), "cpu" or "cuda"; a torchrun process takes the GPU of its local
+    rank."""
+    if name not in DEVICE_CHOICES:
+        raise ValueError(f"--device must be one of {DEVICE_CHOICES}, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda: this torch build sees no CUDA device (torch.cuda.is_available() is "
+                             "False); use --device cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def setup(device: str = "auto") -> Context:
+    """The process's Context; under torchrun (WORLD_SIZE > 1) it joins the default process group first."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Context(rank, world, local_rank, dev)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over every process, in place (no gradient); t itself with one process."""
+    if _active():
+        dist.all_reduce(t)
+    return t
+
+
+def sum_gradients(parameters) -> None:
+    """Sum every parameter's gradient over the processes (flattened into one buffer per dtype)."""
+    if not _active():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    for dtype in {g.dtype for g in grads}:
+        group = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat)
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def broadcast_state(module: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers to every process (the same start, whatever each seeded)."""
+    if not _active():
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, 0)
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather forward; backward: each process's rows get the sum over processes of their gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), len(t)
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every process's rows of t (n_r, ...) stacked in rank order, with the gradient flowing back to each
+    process's own rows (the backward pass sums what every process computed on them). Processes may hold
+    different row counts: rows are padded to the largest and the returned bool mask (sum n_r,) marks the real
+    ones. One process: (t, all True)."""
+    if not _active():
+        return t, torch.ones(len(t), dtype=torch.bool, device=t.device)
+    n = torch.tensor([len(t)], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    most = int(max(s.item() for s in sizes))
+    padded = torch.cat([t, t.new_zeros((most - len(t),) + tuple(t.shape[1:]))]) if len(t) < most else t
+    rows = _GatherRows.apply(padded)
+    valid = torch.cat([torch.arange(most, device=t.device) < s for s in sizes])
+    return rows, valid
