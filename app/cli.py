@@ -71,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     lb.add_argument("--split", default="all", choices=("all", "train", "held-out"),
                     help="a COCO folder's images: all, or the part `ovseg train` trains on / holds out")
     lb.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    lb.add_argument("--shard", default=None, metavar="K/N",
+                    help="label only the images K, K+N, ... as one of N workers (under torchrun: RANK/WORLD_SIZE)")
     lb.add_argument("--db-dir", default=None, help="the FiftyOne database folder (default: see README)")
 
     rv = sub.add_parser("review", help="open the FiftyOne App on a labelled dataset, with its review views")
@@ -253,13 +255,16 @@ def cmd_proxies(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from ovseg.app.curate.label import DEFAULT_BATCH, DEFAULT_METHODS, label
+    from ovseg.app.curate.label import DEFAULT_BATCH, DEFAULT_METHODS, label, parse_shard, worker_device
 
+    shard = parse_shard(args.shard)
     out = label(args.source, args.dataset, words=args.words, captions=args.captions,
-                methods=args.methods or DEFAULT_METHODS, device=args.device,
-                batch_size=args.batch_size or DEFAULT_BATCH, limit=args.limit, split=args.split, db_dir=args.db_dir)
+                methods=args.methods or DEFAULT_METHODS, device=worker_device(args.device),
+                batch_size=args.batch_size or DEFAULT_BATCH, limit=args.limit, split=args.split, db_dir=args.db_dir,
+                shard=shard)
     rate = f", {out['images_per_second']} images/s" if out["images_per_second"] else ""
-    print(f"{out['dataset']}: {out['samples_added']} sample(s) added from {out['labelled_images']} image(s) in "
+    where = f" (shard {out['shard'][0]}/{out['shard'][1]})" if out["shard"] else ""
+    print(f"{out['dataset']}{where}: {out['samples_added']} sample(s) added from {out['labelled_images']} image(s) in "
           f"{out['seconds']} s{rate}; {out['skipped_images']} image(s) already labelled; {out['samples']} in all")
     for key, why in out["failed"]:
         print(f"skipped {key}: {why}", file=sys.stderr)

@@ -67,15 +67,34 @@ def configure(db_dir: str | Path | None = None) -> Path:
 
 def fiftyone(db_dir: str | Path | None = None):
     """The `fiftyone` module, configured (see `configure`). Raises OvsegError when it cannot start."""
-    configure(db_dir)
+    folder = configure(db_dir)
     first = "fiftyone" not in sys.modules
-    try:
-        import fiftyone as fo
-    except ImportError as exc:  # pragma: no cover - a broken install
-        raise OvsegError(f"FiftyOne is not installed ({exc}); reinstall ovseg with `make install`") from exc
-    if first:
-        _warn_if_attached_elsewhere(fo)
+    with _start_lock(folder if first else None):
+        try:
+            import fiftyone as fo
+        except ImportError as exc:  # pragma: no cover - a broken install
+            raise OvsegError(f"FiftyOne is not installed ({exc}); reinstall ovseg with `make install`") from exc
+        if first:
+            _warn_if_attached_elsewhere(fo)
     return fo
+
+
+@contextlib.contextmanager
+def _start_lock(folder: Path | None):
+    """Held while a process starts or attaches to the database service: two processes starting it at the
+    same moment (label workers under torchrun) would each launch a mongod on one folder, and one would fail."""
+    if folder is None or os.environ.get("FIFTYONE_DATABASE_URI"):
+        yield
+        return
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".ovseg-service.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def running_database_dirs() -> list[Path]:

@@ -7,12 +7,19 @@ A run that is interrupted (Ctrl-C, a crash, a kill) and started again skips the 
 dataset already holds (by `ovseg_key`) and continues with the rest in the same order, so it ends with the
 same samples, in the same order, as a run that was never interrupted. The methods a dataset was labelled
 with are kept in its info; extending it with other methods is refused (the fields would not agree).
+
+Several workers label one dataset together: under `torchrun --nproc_per_node=N` (or `--nnodes` for several
+machines, with FIFTYONE_DATABASE_URI pointing every machine at one MongoDB) each process takes the shard of
+images RANK, RANK + N, ... (`--shard K/N` does the same without a launcher) and writes its own samples to the
+shared dataset. Shards are fixed by image position, so a killed worker's shard resumes when the same
+command runs again, and the dataset ends with the same samples as a single worker's (in another order).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,10 +106,52 @@ def words_of(image: SourceImage, typed: list[str], use_captions: bool) -> list[t
     return list(out.items())
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """"K/N" -> (K, N), 0 <= K < N; None: torchrun's (RANK, WORLD_SIZE) when it launched several processes,
+    else None (one worker)."""
+    if text is None:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like K/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= k < n:
+        raise ValueError(f"--shard {text}: K must be in 0..N-1")
+    return k, n
+
+
+def worker_device(device: str) -> str:
+    """"cuda" or "auto" in a torchrun process: the GPU of its local rank (LOCAL_RANK), so that N workers on one
+    machine use N GPUs; anything else as given."""
+    local = os.environ.get("LOCAL_RANK")
+    if local is None or device not in ("cuda", "auto"):
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return device  # "auto" -> CPU; "cuda" -> resolve_device's clear error
+    return f"cuda:{int(local) % torch.cuda.device_count()}"
+
+
+def _open_dataset(fo, name: str):
+    """Load the dataset, or create it; two workers creating it at once end with the same one."""
+    for _ in range(50):
+        if fo.dataset_exists(name):
+            return fo.load_dataset(name)
+        try:
+            return fo.Dataset(name, persistent=True)
+        except ValueError:  # another worker created it between the check and here
+            time.sleep(0.1)
+    raise OvsegError(f"could not open or create the dataset {name!r}")
+
+
 def label(source, dataset_name: str, words: str | None = None, captions: bool = False,
           methods: str = DEFAULT_METHODS, device: str = "cpu", batch_size: int = DEFAULT_BATCH,
-          limit: int | None = None, split: str = "all", progress: bool = True, db_dir=None) -> dict:
-    """Label SOURCE into the dataset; returns a summary (images, samples added, skipped, seconds, rate)."""
+          limit: int | None = None, split: str = "all", progress: bool = True, db_dir=None,
+          shard: tuple[int, int] | None = None) -> dict:
+    """Label SOURCE into the dataset; returns a summary (images, samples added, skipped, seconds, rate).
+    shard (K, N): only the images K, K + N, ... of SOURCE (after --limit), as one of N workers."""
     from tqdm import tqdm
 
     from ovseg.core.concepts import parse_words
@@ -128,16 +177,18 @@ def label(source, dataset_name: str, words: str | None = None, captions: bool = 
             "none has a caption with an object noun" if not typed else "check --words"))
     if limit is not None:
         images = images[:limit]
+    if shard is not None:
+        k, n = shard
+        if not 0 <= k < n:
+            raise ValueError(f"shard {k}/{n}: K must be in 0..N-1")
+        images = images[k::n]
 
     fo = fiftyone(db_dir)
-    if fo.dataset_exists(dataset_name):
-        ds = fo.load_dataset(dataset_name)
-        before = ds.info.get("ovseg", {}).get("methods")
-        if before and before != specs:
-            raise OvsegError(f"dataset {dataset_name!r} was labelled with {','.join(before)}; label it with the "
-                             f"same --methods, or into a new dataset")
-    else:
-        ds = fo.Dataset(dataset_name, persistent=True)
+    ds = _open_dataset(fo, dataset_name)
+    before = ds.info.get("ovseg", {}).get("methods")
+    if before and before != specs:
+        raise OvsegError(f"dataset {dataset_name!r} was labelled with {','.join(before)}; label it with the "
+                         f"same --methods, or into a new dataset")
     info = dict(ds.info.get("ovseg", {}))
     info.update(methods=specs, source=str(Path(source).expanduser().resolve()), source_kind=kind)
     info.setdefault("words", [])
@@ -156,7 +207,8 @@ def label(source, dataset_name: str, words: str | None = None, captions: bool = 
         predictor.method(spec)  # load every checkpoint before the clock starts, and fail early
     t0 = time.perf_counter()
     added, failed = 0, []
-    bar = tqdm(total=len(todo), desc=f"label {dataset_name}", unit="img", disable=not progress)
+    where = f" shard {shard[0]}/{shard[1]}" if shard else ""
+    bar = tqdm(total=len(todo), desc=f"label {dataset_name}{where}", unit="img", disable=not progress)
     for start in range(0, len(todo), batch_size):
         batch = []
         for im, ws in todo[start:start + batch_size]:
@@ -167,7 +219,7 @@ def label(source, dataset_name: str, words: str | None = None, captions: bool = 
                 log.warning("skipped %s: %s", im.path, exc)
             bar.update(1)
         if batch:
-            ds.add_samples(batch, progress=False)
+            _add_samples(ds, batch, shared=shard is not None)
             added += len(batch)
         bar.set_postfix(samples=added)
     bar.close()
@@ -175,9 +227,26 @@ def label(source, dataset_name: str, words: str | None = None, captions: bool = 
     _save_views(ds)
     _show_in_app(ds)
     n_images = len(todo) - len(failed)
-    return {"dataset": dataset_name, "images": len(images), "labelled_images": n_images, "skipped_images": skipped,
+    return {"dataset": dataset_name, "shard": list(shard) if shard else None, "images": len(images),
+            "labelled_images": n_images, "skipped_images": skipped,
             "samples_added": added, "samples": len(ds), "failed": failed, "seconds": round(seconds, 2),
             "images_per_second": round(n_images / seconds, 3) if seconds > 0 and n_images else None}
+
+
+def _add_samples(ds, batch: list, shared: bool) -> None:
+    """Insert a batch (whole or not at all). With other workers writing to the dataset, the dataset's media
+    type or field schema may have been set by another process since this one loaded it: FiftyOne then refuses
+    the insert before writing anything, and it is retried on the reloaded dataset."""
+    for attempt in range(10):
+        try:
+            ds.add_samples(batch, progress=False)
+            return
+        except ValueError as exc:
+            if not shared or attempt == 9:
+                raise
+            log.debug("retrying an insert after another worker changed the dataset: %s", exc)
+            time.sleep(0.1 * (attempt + 1))
+            ds.reload()
 
 
 def _label_image(fo, predictor, im: SourceImage, ws, specs, sample_fields, sample_key) -> list:

@@ -244,6 +244,41 @@ def test_killed_label_run_resumes_to_the_same_dataset(fo):
     assert _snapshot(cut) == _snapshot(ref)
 
 
+@pytest.mark.slow
+def test_two_label_workers_under_torchrun_give_the_dataset_of_one_and_a_lost_shard_resumes(fo):
+    """`torchrun --nproc_per_node=2 ... label`: each worker writes its shard to the one dataset, which ends with
+    the samples of a single worker's run; samples a killed worker never wrote are added by running it again."""
+    from ovseg.app.curate.label import parse_shard
+
+    args = [str(EXAMPLES), "--words", "cat, cup, person", "--methods", "xpm,cam", "--batch-size", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # torchrun's default; other thread counts round differently
+    r = subprocess.run([sys.executable, "-m", "ovseg.app.cli", "label", *args, "--dataset", "workers-one"],
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+              "ovseg.app.cli", "label", *args, "--dataset", "workers-two"]
+    r = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(shard 0/2)" in r.stdout and "(shard 1/2)" in r.stdout
+    one, two = fo.load_dataset("workers-one"), fo.load_dataset("workers-two")
+    assert len(one) == len(two) == 12
+    assert sorted(_snapshot(two)) == sorted(_snapshot(one))
+    # worker 1 (images 1 and 3 of the 4) "killed" before its last image landed: its samples are missing
+    lost = two.match({"image_key": "grace_hopper.jpg"})
+    assert len(lost) == 3
+    two.delete_samples(lost)
+    r = subprocess.run(launch, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(shard 1/2): 3 sample(s) added" in r.stdout and "(shard 0/2): 0 sample(s) added" in r.stdout
+    two.reload()
+    assert sorted(_snapshot(two)) == sorted(_snapshot(one))
+    assert parse_shard("1/4") == (1, 4)
+    with pytest.raises(ValueError, match="K/N"):
+        parse_shard("1-4")
+    with pytest.raises(ValueError, match="0..N-1"):
+        parse_shard("4/4")
+
+
 # ----------------------------------------------------------------------------------------- review, export
 
 @pytest.fixture(scope="module")
