@@ -60,6 +60,14 @@ def _parser() -> argparse.ArgumentParser:
     for trainer in trainers().values():  # each trainer module registers itself
         trainer.add_arguments(tsub.add_parser(trainer.name, help=trainer.help))
 
+    sc = sub.add_parser("scaling", help="train a method on 25/50/100%% of the training images and plot held-out mIoU")
+    sc.add_argument("method", help="a trainer that takes --fraction (see `ovseg train -h`)")
+    sc.add_argument("--fractions", default="0.25,0.5,1", help="shares of the training split (default 0.25,0.5,1)")
+    sc.add_argument("--coco", default="../shared/data/coco_dev", help="the COCO folder whose held-out images score")
+    sc.add_argument("--out", default="runs/scaling", help="folder of the study (one subfolder per method, scaling.png)")
+    sc.add_argument("trainer_args", nargs=argparse.REMAINDER,
+                    help="after --, flags for `ovseg train METHOD` (e.g. -- --no-ablation)")
+
     lb = sub.add_parser("label", help="pseudo-label a folder of images (or a COCO folder) into a FiftyOne dataset")
     lb.add_argument("source", help="a folder of images, or a COCO folder (images/ + captions.json)")
     lb.add_argument("--dataset", required=True, help="the FiftyOne dataset to create or extend")
@@ -254,6 +262,19 @@ def cmd_proxies(args) -> int:
     return 0
 
 
+def cmd_scaling(args) -> int:
+    from ovseg.train.scaling import parse_fractions, study
+
+    extra = [a for a in args.trainer_args if a != "--"]
+    record = study(args.method, parse_fractions(args.fractions), args.out, args.coco, extra)
+    print("| share | images | strict mIoU target | strict mIoU base | train s |\n|---|---|---|---|---|")
+    for r in sorted(record["rows"].values(), key=lambda r: r["fraction"]):
+        print(f"| {r['fraction']:.0%} | {r['images']} | {r['miou_target']:.3f} | {r['miou_base']:.3f} | "
+              f"{r['train_seconds']:.0f} |")
+    print(f"plot: {Path(args.out) / 'scaling.png'}")
+    return 0
+
+
 def cmd_label(args) -> int:
     from ovseg.app.curate.label import DEFAULT_BATCH, DEFAULT_METHODS, label, parse_shard, worker_device
 
@@ -418,7 +439,7 @@ def main(argv=None) -> int:
     from ovseg.core.errors import OvsegError
 
     command = {"segment": cmd_segment, "eval": cmd_eval, "train": cmd_train, "proxies": cmd_proxies,
-               "methods": cmd_methods, "label": cmd_label, "review": cmd_review, "export": cmd_export,
+               "methods": cmd_methods, "scaling": cmd_scaling, "label": cmd_label, "review": cmd_review, "export": cmd_export,
                "retrain": cmd_retrain, "checkpoints": cmd_checkpoints, "bench": cmd_bench}[args.command]
     try:
         for attr, option in OUTPUT_OPTIONS:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import random
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,20 @@ def split_image_ids(ids: Iterable[int], holdout_fraction: float = HOLDOUT_FRACTI
     held = sorted(unique[i] for i in order[:n_hold])
     train = sorted(unique[i] for i in order[n_hold:])
     return train, held
+
+
+def fraction_of(ids: Sequence, fraction: float, seed: int = SPLIT_SEED) -> list:
+    """The first `fraction` of a seeded permutation of `ids`, in their original order: the data-scaling study's
+    subsets are nested (the 25% share is inside the 50% share). fraction 1 returns every id."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"--fraction must be in (0, 1], got {fraction}")
+    ids = list(ids)
+    if fraction == 1.0:
+        return ids
+    order = list(range(len(ids)))
+    random.Random(seed).shuffle(order)
+    keep = sorted(order[: max(1, round(fraction * len(ids)))])
+    return [ids[k] for k in keep]
 
 
 def held_out_image_ids(ids: Iterable[int]) -> set[int]:

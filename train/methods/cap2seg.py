@@ -53,7 +53,7 @@ from ovseg.core.methods.cap2seg.local import (GRID, LocalConfig, LocalInference,
 from ovseg.core.models import Models
 from ovseg.core.ops.metrics import average_precision
 from ovseg.train.coco import (BASE_CLASSES, HOLDOUT_FRACTION, SPLIT_SEED, TARGET_CLASSES, CocoConceptDataset,
-                              assert_no_target_annotations, split_image_ids, training_mask)
+                              assert_no_target_annotations, fraction_of, split_image_ids, training_mask)
 from ovseg.train.registry import register_trainer
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class TrainConfig:
     holdout_fraction: float = HOLDOUT_FRACTION
     seed: int = SPLIT_SEED
     max_images: int | None = None  # only the first N training images (quick runs)
+    fraction: float = 1.0  # the data-scaling study: this share of the training images (nested shares)
     max_eval_images: int | None = None  # only the first N held-out images
     segmentation: bool = True  # also train sec. 3.6's segmentation model (two networks: lambda 0.01 and 0)
     seg_epochs: int = 6
@@ -520,6 +521,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                          f"{cfg.batch_size}, {cfg.negatives}")
     dataset = CocoConceptDataset(cfg.coco_dir, classes=BASE_CLASSES)
     train_ids, held_ids = split_image_ids(dataset.image_ids, cfg.holdout_fraction, cfg.seed)
+    train_ids = fraction_of(train_ids, cfg.fraction, cfg.seed)
     all_train_ids = train_ids
     train_ids = [i for i in train_ids if dataset.captions(i)]  # only captioned images make questions
     held_ids = [i for i in held_ids if dataset.captions(i)]
@@ -680,6 +682,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="skip the CE and CE + multi-scale rows of Table 1 (about a third of the time each)")
     p.add_argument("--no-eval", action="store_true", help="skip Table 1 and the stripe cosines")
     p.add_argument("--max-images", type=int, default=None, help="only the first N training images (quick runs)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="train on this share of the training images (the data-scaling study: 0.25, 0.5, 1)")
     p.add_argument("--max-eval-images", type=int, default=None, help="only the first N held-out images")
     p.add_argument("--no-segmentation", action="store_true", help="skip sec. 3.6's segmentation model")
     p.add_argument("--noun-pairs", type=int, default=d.noun_pairs,
@@ -698,7 +702,7 @@ def run(args) -> Path:
                              negatives=args.negatives, trainable_layers=args.trainable_layers,
                              multiscale=not args.no_multiscale, curriculum=not args.no_curriculum,
                              description=args.description, ablation=not args.no_ablation,
-                             evaluate=not args.no_eval, max_images=args.max_images,
+                             evaluate=not args.no_eval, max_images=args.max_images, fraction=args.fraction,
                              max_eval_images=args.max_eval_images, segmentation=not args.no_segmentation,
                              seg_epochs=args.seg_epochs, entailment_from=args.entailment_from,
                              noun_pairs=args.noun_pairs, local_branch=not args.no_local_branch))

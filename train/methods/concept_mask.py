@@ -48,7 +48,7 @@ from ovseg.core.models import Models
 from ovseg.core.methods.concept_mask.pmi import TagEmbedding, fit_linear_map, idf, pmi_embedding, pmi_matrix, soft_topic
 from ovseg.core.ops.segmenter import SegmenterConfig, foreground_probability, save_segmenter
 from ovseg.train.coco import (HOLDOUT_FRACTION, SPLIT_SEED, BASE_CLASSES, CocoConceptDataset,
-                              assert_no_target_annotations, base_training_pairs, split_image_ids, training_mask)
+                              assert_no_target_annotations, base_training_pairs, fraction_of, split_image_ids, training_mask)
 from ovseg.train.segmenter_fit import fit_segmenter, loss_summary, resized_target, training_sample
 from ovseg.train.registry import register_trainer
 
@@ -94,6 +94,7 @@ class TrainConfig:
     seed: int = SPLIT_SEED
     ablation: bool = True  # also train the noSD attention, keep the stage-1 network, train the single-scale segmenter
     max_images: int | None = None
+    fraction: float = 1.0  # the data-scaling study: this share of the training images (nested shares)
 
     def __post_init__(self):
         self.scales = tuple(int(s) for s in self.scales)
@@ -359,6 +360,7 @@ class Corpus:
 
 def split(cfg: TrainConfig, dataset: CocoConceptDataset) -> tuple[list[int], list[int]]:
     train_ids, held_ids = split_image_ids(dataset.image_ids, cfg.holdout_fraction, cfg.seed)
+    train_ids = fraction_of(train_ids, cfg.fraction, cfg.seed)
     if cfg.max_images:
         train_ids, held_ids = train_ids[: cfg.max_images], held_ids[: max(2, cfg.max_images // 4)]
     return train_ids, held_ids
@@ -662,6 +664,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cross-fit", action="store_true",
                    help="train the segmenter on the main attention network's maps of its own training images")
     p.add_argument("--max-images", type=int, default=None, help="train on the first N training images (quick runs)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="train on this share of the training images (the data-scaling study: 0.25, 0.5, 1)")
     p.add_argument("--refine-epochs", type=int, default=TrainConfig.refine_epochs)
     p.add_argument("--seg-epochs", type=int, default=TrainConfig.seg_epochs)
     p.add_argument("--verification-only", action="store_true",
@@ -673,6 +677,7 @@ def run(args) -> Path:
         calibrate_verification(args.out, args.coco)
         return Path(args.out)
     cfg = TrainConfig(coco_dir=args.coco, out=args.out, ablation=not args.no_ablation, max_images=args.max_images,
+                      fraction=args.fraction,
                       cross_fit=not args.no_cross_fit, finetune_embedding=args.finetune_embedding,
                       refine_epochs=args.refine_epochs, seg_epochs=args.seg_epochs)
     return train(cfg)

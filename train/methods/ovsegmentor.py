@@ -26,6 +26,7 @@ import logging
 import math
 import random
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -41,7 +42,7 @@ from ovseg.core.methods.ovsegmentor.text import (caption_entities, class_prompt,
                                                  label_caption, mask_entities)
 from ovseg.core.models import Models
 from ovseg.train.coco import (BASE_CLASSES, HOLDOUT_FRACTION, SPLIT_SEED, CocoConceptDataset,
-                              assert_no_target_annotations, split_image_ids, training_mask)
+                              assert_no_target_annotations, fraction_of, split_image_ids, training_mask)
 from ovseg.train.registry import register_trainer
 from ovseg.train.scale import dist
 from ovseg.train.scale.corpora import CocoCorpus, Corpus, open_corpus
@@ -85,6 +86,7 @@ class TrainConfig:
     amp: str = "auto"
     workers: int = 0
     feature_cache: bool = True
+    memory_cache_mb: int = 1024  # per process: features kept in memory (coco_dev's fit; a large corpus streams)
     checkpoint_every: int = 20
     resume: bool = False
 
@@ -180,9 +182,29 @@ class PairSource:
         root = cache_dir() / "features" if cfg.feature_cache else None
         self.image_cache = FeatureCache(root, f"ovsegmentor-patches-{cfg.size}")
         self.text_cache = FeatureCache(root, "ovsegmentor-text")
+        self._memory: OrderedDict = OrderedDict()  # (kind, index) -> value, at most memory_cache_mb
+        self._memory_bytes = 0
 
     def __getstate__(self):
-        return {**self.__dict__, "_models": None}
+        return {**self.__dict__, "_models": None, "_memory": OrderedDict(), "_memory_bytes": 0}
+
+    def _remember(self, key, compute):
+        """A bounded in-memory layer over the disk cache (least recently used out first): a small corpus
+        stays in memory, a large one streams from disk."""
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key]
+        value = compute()
+        size = sum(t.numel() * t.element_size() for t in (value.values() if isinstance(value, dict) else [value]))
+        budget = self.cfg.memory_cache_mb * 2**20
+        if size <= budget:
+            self._memory[key] = value
+            self._memory_bytes += size
+            while self._memory_bytes > budget:
+                _, old = self._memory.popitem(last=False)
+                self._memory_bytes -= sum(t.numel() * t.element_size()
+                                          for t in (old.values() if isinstance(old, dict) else [old]))
+        return value
 
     @property
     def models(self) -> Models:
@@ -194,6 +216,7 @@ class PairSource:
         return len(self.text.captions_of)
 
     def patches(self, img: int) -> torch.Tensor:
+        """(C, h, w) float16 patch features of image `img`."""
         from ovseg.core.models.backbone import preprocess
 
         m, corpus_i = self.models, self.text.corpus_index[img]
@@ -203,8 +226,11 @@ class PairSource:
             with torch.no_grad():
                 return {"patches": patch_input(m.backbone(x))[0].to("cpu", torch.float16).numpy()}
 
-        parts = ("patches", module_fingerprint(m.backbone), self.cfg.size, self.corpus.fingerprint(corpus_i))
-        return torch.from_numpy(self.image_cache.get(parts, compute)["patches"]).float()
+        def cached():
+            parts = ("patches", module_fingerprint(m.backbone), self.cfg.size, self.corpus.fingerprint(corpus_i))
+            return torch.from_numpy(self.image_cache.get(parts, compute)["patches"])
+
+        return self._remember(("patches", img), cached)
 
     def text_states(self, cap: int) -> dict[str, torch.Tensor]:
         enc = self.models.text_encoder
@@ -218,8 +244,11 @@ class PairSource:
                     "prompt": (embs[1] if prompt else torch.zeros_like(embs[0])).cpu().numpy(),
                     "tokens": states.last[0].to("cpu", torch.float16).numpy()}
 
-        parts = ("text", module_fingerprint(enc.model), caption, masked, prompt)
-        return {k: torch.from_numpy(v) for k, v in self.text_cache.get(parts, compute).items()}
+        def cached():
+            parts = ("text", module_fingerprint(enc.model), caption, masked, prompt)
+            return {k: torch.from_numpy(v) for k, v in self.text_cache.get(parts, compute).items()}
+
+        return self._remember(("text", cap), cached)
 
     def row(self, img: int, cap: int, rng: random.Random, gen: torch.Generator) -> dict:
         x = self.patches(img)
@@ -256,7 +285,8 @@ def collate(items: list[dict]) -> dict:
     t = max(r["tokens"].shape[0] for r in rows)
     tokens = torch.stack([F.pad(r["tokens"].float(), (0, 0, 0, t - r["tokens"].shape[0])) for r in rows])
     token_mask = torch.stack([torch.arange(t) < r["tokens"].shape[0] for r in rows])
-    return {"patches": torch.stack([r["patches"] for r in rows]), "noise": torch.stack([r["noise"] for r in rows]),
+    return {"patches": torch.stack([r["patches"] for r in rows]).float(),
+            "noise": torch.stack([r["noise"] for r in rows]),
             "caption": torch.stack([r["caption"] for r in rows]), "prompt": torch.stack([r["prompt"] for r in rows]),
             "has_entity": torch.tensor([r["has_entity"] for r in rows]), "tokens": tokens, "token_mask": token_mask,
             "pairs": pairs}
@@ -438,9 +468,7 @@ def training_corpus(cfg: TrainConfig, dataset: CocoConceptDataset, train_ids: li
     if cfg.max_images:
         keep = keep[:: max(1, len(keep) // cfg.max_images)][: cfg.max_images]
     elif cfg.fraction < 1.0:
-        order = keep[:]
-        random.Random(cfg.seed).shuffle(order)
-        keep = sorted(order[: max(cfg.batch_size, round(cfg.fraction * len(order)))])
+        keep = fraction_of(keep, cfg.fraction, cfg.seed)
     return corpus if len(keep) == len(corpus) else _Subset(corpus, keep)
 
 
@@ -553,7 +581,8 @@ def evaluate_networks(folder: Path, cfg: TrainConfig, models: Models, held_ids: 
     rows = {}
     for v, spec in specs.items():
         m = metrics["methods"][spec]
-        rows[v] = {"miou_target": round(m["concept_miou"]["target"], 4), "miou_base": round(m["concept_miou"]["base"], 4),
+        rows[v] = {"miou_target": round(m["concept_miou"]["target"], 4),
+                   "miou_base": round(m["concept_miou"]["base"], 4),
                    "presence_ap_target": round(m["presence_ap"]["target"], 4), "oracle_group_miou": oracle[v]}
     whole = metrics["reference"]["whole_image_mask"]["concept_miou"]
     return {"images": metrics["dataset"]["images"], "rows": rows,
@@ -578,7 +607,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fraction", type=float, default=1.0,
                    help="train on this share of the training images (the data-scaling study: 0.25, 0.5, 1)")
     p.add_argument("--threshold-images", type=int, default=d.threshold_images,
-                   help=f"training images whose base masks choose the background threshold (default {d.threshold_images})")
+                   help="training images whose base masks choose the background threshold "
+                        f"(default {d.threshold_images})")
     p.add_argument("--no-ablation", action="store_true", help="train the full model only (no Table 3/5 rows)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
     add_scale_arguments(p, d)
@@ -593,6 +623,8 @@ def add_scale_arguments(p: argparse.ArgumentParser, d) -> None:
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process")
     p.add_argument("--no-feature-cache", action="store_true",
                    help="recompute frozen-model features every epoch instead of caching them on disk")
+    p.add_argument("--memory-cache-mb", type=int, default=d.memory_cache_mb,
+                   help=f"features each process keeps in memory over the disk cache (default {d.memory_cache_mb})")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
                    help=f"write the training state every N steps (default {d.checkpoint_every}) to <out>.resume/")
     p.add_argument("--resume", action="store_true", help="go on from <out>.resume/ after an interrupted run")
@@ -604,6 +636,7 @@ def run(args) -> Path | None:
                              fraction=args.fraction, threshold_images=args.threshold_images,
                              ablation=not args.no_ablation, evaluate=not args.no_eval, device=args.device,
                              amp=args.amp, workers=args.workers, feature_cache=not args.no_feature_cache,
+                             memory_cache_mb=args.memory_cache_mb,
                              checkpoint_every=args.checkpoint_every, resume=args.resume))
 
 

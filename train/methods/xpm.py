@@ -37,7 +37,7 @@ from ovseg.core.methods.xpm.losses import (classification_loss, cross_modal_loss
                                            noisy_mask_loss, proposal_loss, proposal_targets, reliability)
 from ovseg.core.methods.xpm.model import XPMConfig, XPMNet, word_scores
 from ovseg.train.coco import (HOLDOUT_FRACTION, SPLIT_SEED, BASE_CLASSES, CocoConceptDataset,
-                              assert_no_target_annotations, split_image_ids)
+                              assert_no_target_annotations, fraction_of, split_image_ids)
 from ovseg.train.registry import register_trainer
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class TrainConfig:
     ablation: bool = True  # also train the student without noise estimation
     evaluate: bool = True
     max_images: int | None = None
+    fraction: float = 1.0  # the data-scaling study: this share of the training images (nested shares)
     teacher: str | None = None  # reuse this trained teacher (a teacher.pt) instead of training one
 
 
@@ -367,6 +368,7 @@ def _summary(history: list[dict]) -> dict:
 
 def split(cfg: TrainConfig, dataset: CocoConceptDataset) -> tuple[list[int], list[int]]:
     train_ids, held_ids = split_image_ids(dataset.image_ids, cfg.holdout_fraction, cfg.seed)
+    train_ids = fraction_of(train_ids, cfg.fraction, cfg.seed)
     if cfg.max_images:  # a quick run: captioned images first
         train_ids = sorted(sorted(train_ids, key=lambda i: not dataset.captions(i))[: cfg.max_images])
         held_ids = sorted(held_ids, key=lambda i: not dataset.captions(i))[: max(2, cfg.max_images // 4)]
@@ -523,6 +525,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-ablation", action="store_true", help="skip the student without noise estimation")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out instance mAP and reliability study")
     p.add_argument("--max-images", type=int, default=None, help="train on the first N training images (quick runs)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="train on this share of the training images (the data-scaling study: 0.25, 0.5, 1)")
     p.add_argument("--teacher-epochs", type=int, default=TrainConfig.teacher_epochs)
     p.add_argument("--student-epochs", type=int, default=TrainConfig.student_epochs)
     p.add_argument("--eta-epochs", type=int, default=TrainConfig.eta_epochs)
@@ -532,7 +536,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args) -> Path:
     cfg = TrainConfig(coco_dir=args.coco, out=args.out, ablation=not args.no_ablation, evaluate=not args.no_eval,
-                      max_images=args.max_images, teacher_epochs=args.teacher_epochs,
+                      max_images=args.max_images, fraction=args.fraction, teacher_epochs=args.teacher_epochs,
                       student_epochs=args.student_epochs, eta_epochs=args.eta_epochs, teacher=args.teacher)
     return train(cfg)
 

@@ -27,7 +27,8 @@ def module_fingerprint(module: torch.nn.Module) -> str:
         h = hashlib.sha1()
         for name, t in sorted(module.state_dict().items()):
             h.update(name.encode())
-            h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            if t.numel():
+                h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
         _FINGERPRINTS[id(module)] = h.hexdigest()[:16]
     return _FINGERPRINTS[id(module)]
 
