@@ -130,3 +130,42 @@ def test_mask_consistency_is_zero_when_the_other_image_grounds_the_same_masks():
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     assert float(mask_consistency(out, ema_out, net, ema, [], [], 0.5, 0.5).detach()) == 0.0
+
+
+def test_competing_words_per_vocabulary_leave_out_the_word_and_its_kinds():
+    from ovseg.core.errors import OvsegError
+    from ovseg.core.methods.ovsegmentor.method import competitors, related
+
+    entities = ["dog", "puppy", "animal", "cat", "grass", "frisbee"]
+    assert competitors("dog", ["grass"], ["dog", "cat"], entities, "negatives") == ["grass"]
+    assert competitors("dog", ["grass"], ["dog", "cat"], entities, "typed") == ["grass", "cat"]
+    # a puppy is a kind of dog and a dog a kind of animal: neither competes with "dog"
+    assert competitors("dog", (), ["dog"], entities, "entities") == ["cat", "grass", "frisbee"]
+    assert related("man", "person") and related("person", "man") and not related("cat", "dog")
+    with pytest.raises(OvsegError, match="vocabulary must be one of"):
+        competitors("dog", (), (), (), "everything")
+
+
+def test_uniform_gumbel_draws_given_by_the_caller_decide_the_training_assignment():
+    torch.manual_seed(0)
+    net = OVSegNet(OVSegConfig(in_channels=16, dim=32, heads=2, groups=4, pos_grid=3)).train()
+    x = torch.randn(2, 16, 3, 3)
+    u = torch.rand(2, 9, 4)
+    a, b = net(x, noise=u)["assignment"], net(x, noise=u)["assignment"]
+    assert torch.equal(a, b)  # the same draws, the same binding
+    assert not torch.equal(net(x, noise=torch.rand(2, 9, 4))["assignment"], a)
+
+
+def test_a_competing_typed_word_only_takes_patches_away(predictor, examples_dir):
+    from ovseg.core.image_io import load_image
+    from ovseg.core.methods.base import ImageState
+    from ovseg.core.methods.ovsegmentor.method import OVSegmentor
+
+    state = ImageState.compute(predictor.models, load_image(examples_dir / "cat.jpg"), 448)
+    alone = OVSegmentor(predictor.models).predict(state, "cat")
+    method = OVSegmentor(predictor.models, vocabulary="typed")
+    method.prepare(state, ["cat", "blanket"])
+    typed = method.predict(state, "cat")
+    assert alone.details["vocabulary"].startswith("negatives (0 ")
+    assert typed.details["vocabulary"].startswith("typed (1 ")
+    assert (typed.mask <= alone.mask).all() and typed.score == alone.score
