@@ -269,8 +269,8 @@ def cmd_scaling(args) -> int:
     record = study(args.method, parse_fractions(args.fractions), args.out, args.coco, extra)
     print("| share | images | strict mIoU target | strict mIoU base | train s |\n|---|---|---|---|---|")
     for r in sorted(record["rows"].values(), key=lambda r: r["fraction"]):
-        print(f"| {r['fraction']:.0%} | {r['images']} | {r['miou_target']:.3f} | {r['miou_base']:.3f} | "
-              f"{r['train_seconds']:.0f} |")
+        seconds = "" if r["train_seconds"] is None else f"{r['train_seconds']:.0f}"
+        print(f"| {r['fraction']:.0%} | {r['images']} | {r['miou_target']:.3f} | {r['miou_base']:.3f} | {seconds} |")
     print(f"plot: {Path(args.out) / 'scaling.png'}")
     return 0
 

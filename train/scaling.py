@@ -61,9 +61,14 @@ def study(method: str, fractions: list[float], out_dir: str | Path, coco_dir: st
         if row and (ckpt / "training.json").is_file() and row.get("extra") == extra:
             log.info("%s at %s: already measured", method, key)
             continue
-        t0 = time.perf_counter()
-        trainers()[method].run(trainer_args(method, f, ckpt, extra))
-        train_s = time.perf_counter() - t0
+        if (ckpt / "training.json").is_file() and not row:  # trained already (by hand, or an interrupted study)
+            log.info("%s at %s: scoring the checkpoint already in %s", method, key, ckpt)
+            seconds = json.loads((ckpt / "training.json").read_text()).get("seconds")
+            train_s = seconds.get("total") if isinstance(seconds, dict) else None
+        else:
+            t0 = time.perf_counter()
+            trainers()[method].run(trainer_args(method, f, ckpt, extra))
+            train_s = time.perf_counter() - t0
         spec = f"{method}[checkpoint={ckpt}]"
         metrics, _ = evaluate(coco_dir, [spec], progress=progress, reference=False, held_out_only=True)
         m = metrics["methods"][spec]
@@ -76,7 +81,8 @@ def study(method: str, fractions: list[float], out_dir: str | Path, coco_dir: st
         record["rows"][key] = {"fraction": f, "images": images, "extra": extra,
                                "miou_target": round(m["concept_miou"]["target"], 4),
                                "miou_base": round(m["concept_miou"]["base"], 4),
-                               "held_out_images": metrics["dataset"]["images"], "train_seconds": round(train_s, 1)}
+                               "held_out_images": metrics["dataset"]["images"],
+                               "train_seconds": round(train_s, 1) if train_s is not None else None}
         atomic_write_json(record_path, record)
     plot(out_dir)
     return record

@@ -57,6 +57,11 @@ def test_a_study_trains_each_share_once_scores_it_and_draws_the_plot(tmp_path, m
         assert rec["rows"]["0.5"]["miou_target"] == pytest.approx(0.15) and rec["rows"]["1"]["images"] == 100
         rec = scaling.study("toy", [0.25, 0.5, 1.0], tmp_path / "study", "coco", ["--epochs", "1"], progress=False)
         assert runs[2:] == [(0.25, 1)] and sorted(rec["rows"]) == ["0.25", "0.5", "1"]  # measured shares reused
+        done = tmp_path / "study" / "toy" / "fraction-0.75"  # trained by hand: scored, not trained again
+        done.mkdir()
+        (done / "training.json").write_text(json.dumps({"data": {"images": 75}, "seconds": {"total": 12.0}}))
+        rec = scaling.study("toy", [0.75], tmp_path / "study", "coco", ["--epochs", "1"], progress=False)
+        assert len(runs) == 3 and rec["rows"]["0.75"]["train_seconds"] == 12.0
         png = np.asarray(Image.open(tmp_path / "study" / "scaling.png"))
         assert png.shape[0] > 300 and png.shape[1] > 500 and png.std() > 10
     finally:
