@@ -65,8 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("--fractions", default="0.25,0.5,1", help="shares of the training split (default 0.25,0.5,1)")
     sc.add_argument("--coco", default="../shared/data/coco_dev", help="the COCO folder whose held-out images score")
     sc.add_argument("--out", default="runs/scaling", help="folder of the study (one subfolder per method, scaling.png)")
-    sc.add_argument("trainer_args", nargs=argparse.REMAINDER,
-                    help="after --, flags for `ovseg train METHOD` (e.g. -- --no-ablation)")
+    sc.add_argument("--train-args", default="",
+                    help="flags for `ovseg train METHOD`, quoted (e.g. --train-args \"--no-ablation --no-eval\")")
 
     lb = sub.add_parser("label", help="pseudo-label a folder of images (or a COCO folder) into a FiftyOne dataset")
     lb.add_argument("source", help="a folder of images, or a COCO folder (images/ + captions.json)")
@@ -265,7 +265,9 @@ def cmd_proxies(args) -> int:
 def cmd_scaling(args) -> int:
     from ovseg.train.scaling import parse_fractions, study
 
-    extra = [a for a in args.trainer_args if a != "--"]
+    import shlex
+
+    extra = shlex.split(args.train_args)
     record = study(args.method, parse_fractions(args.fractions), args.out, args.coco, extra)
     print("| share | images | strict mIoU target | strict mIoU base | train s |\n|---|---|---|---|---|")
     for r in sorted(record["rows"].values(), key=lambda r: r["fraction"]):
@@ -439,7 +441,8 @@ def main(argv=None) -> int:
     from ovseg.core.errors import OvsegError
 
     command = {"segment": cmd_segment, "eval": cmd_eval, "train": cmd_train, "proxies": cmd_proxies,
-               "methods": cmd_methods, "scaling": cmd_scaling, "label": cmd_label, "review": cmd_review, "export": cmd_export,
+               "methods": cmd_methods, "scaling": cmd_scaling, "label": cmd_label, "review": cmd_review,
+               "export": cmd_export,
                "retrain": cmd_retrain, "checkpoints": cmd_checkpoints, "bench": cmd_bench}[args.command]
     try:
         for attr, option in OUTPUT_OPTIONS:

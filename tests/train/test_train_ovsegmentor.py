@@ -46,3 +46,24 @@ def test_tiny_training_losses_fall_reads_no_target_mask_and_the_method_runs(tmp_
     assert legend and abs(sum(share for _, share, _ in legend) - 1.0) < 0.01
     assert all(len(words) == 2 for _, _, words in legend)
     assert [p.kind for p in r.priors] == ["group"]
+
+
+@pytest.mark.slow
+def test_the_ablation_trains_every_network_from_one_source_k16_included(tmp_path):
+    import torch
+
+    from ovseg.core.methods.ovsegmentor.method import VARIANTS
+    from ovseg.train.methods.ovsegmentor import TrainConfig, train
+
+    if not (COCO_DEV / "captions.json").is_file():
+        pytest.skip(f"coco_dev with captions is missing ({COCO_DEV})")
+    cfg = TrainConfig(coco_dir=str(COCO_DEV), out=str(tmp_path / "ovs"), max_images=16, epochs=1, batch_size=8,
+                      threshold_images=2, evaluate=False)
+    out = train(cfg, progress=False)
+    summary = json.loads((out / "training.json").read_text())
+    assert set(summary["networks"]) == set(VARIANTS)
+    for variant, file in VARIANTS.items():
+        blob = torch.load(out / file, map_location="cpu", weights_only=False)
+        assert blob["config"]["groups"] == (16 if variant == "k16" else 8)
+        assert summary["networks"][variant]["training"]["steps"] == 1
+    assert not (tmp_path / "ovs.resume").exists()

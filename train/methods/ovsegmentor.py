@@ -178,6 +178,7 @@ class PairSource:
     def __init__(self, cfg: TrainConfig, corpus: Corpus, text: TextIndex, entity_emb: torch.Tensor,
                  models: Models | None = None):
         self.cfg, self.corpus, self.text, self.entity_emb = cfg, corpus, text, entity_emb
+        self.groups = cfg.groups  # K of the network being trained: the Gumbel draws' last dimension
         self._by_entity = text.by_entity()
         self._models = models
         root = cache_dir() / "features" if cfg.feature_cache else None
@@ -257,7 +258,7 @@ class PairSource:
             x = x.flip(-1)
         h, w = x.shape[-2:]
         return {"patches": x, **self.text_states(cap), "has_entity": bool(self.text.entities[cap]),
-                "noise": torch.rand((h * w, self.cfg.groups), generator=gen)}
+                "noise": torch.rand((h * w, self.groups), generator=gen)}
 
     def item(self, i: int, epoch: int) -> dict:
         rng, gen = item_rng(self.cfg.seed, epoch, i)
@@ -341,6 +342,7 @@ def make_step(cfg: TrainConfig, ctx: Context, ema: OVSegNet | None, entity_emb: 
 def train_network(cfg: TrainConfig, source: PairSource, ctx: Context, progress: bool, desc: str,
                   checkpoint: Path | None) -> tuple[OVSegNet, dict]:
     torch.manual_seed(cfg.seed)
+    source.groups = cfg.groups  # the ablation's networks share one source; K = 16 needs 16 draws a patch
     c_in = 1280 + 320 + 112
     grid = cfg.size // 32
     config = OVSegConfig(in_channels=c_in, groups=cfg.groups, layers_before=cfg.layers_before,

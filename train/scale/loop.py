@@ -137,8 +137,9 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     model (an EMA model).
 
     Returns {"epochs": [per epoch: the mean of each logged value], "steps", "seconds" (training, over every
-    run that led here), "items_per_s" (this run's items over its wall time, checkpoints included; all processes
-    together), "resumed_from_step", "processes", "device", "amp"}.
+    run that led here), "items_per_s" (items over those seconds, all processes together),
+    "items_per_s_this_run" (this run's items over its wall time, checkpoints included), "resumed_from_step",
+    "processes", "device", "amp"}.
     """
     from tqdm import tqdm
 
@@ -231,6 +232,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     bar.close()
     model.eval()
     run_s = time.perf_counter() - run_t0
+    seconds = state["seconds"]
     return {"epochs": state["records"], "steps": state["global_step"], "seconds": round(state["seconds"], 1),
-            "items_per_s": round(images / run_s, 2) if images else None,
+            "items_per_s": round(state["global_step"] * cfg.batch_size / seconds, 2) if seconds else None,
+            "items_per_s_this_run": round(images / run_s, 2) if images else None,
             "resumed_from_step": resumed_from, "processes": ctx.world, "device": str(ctx.device), "amp": amp}
