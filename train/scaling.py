@@ -100,6 +100,7 @@ def plot(out_dir: str | Path) -> Path:
 
     out_dir = Path(out_dir)
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    top = 0.1
     for i, path in enumerate(sorted(out_dir.glob("*/scaling.json"))):
         rec = json.loads(path.read_text())
         rows = sorted(rec["rows"].values(), key=lambda r: r["fraction"])
@@ -107,9 +108,11 @@ def plot(out_dir: str | Path) -> Path:
         color = f"C{i}"
         ax.plot(x, [r["miou_target"] for r in rows], "o-", color=color, label=f"{rec['method']} target")
         ax.plot(x, [r["miou_base"] for r in rows], "s--", color=color, label=f"{rec['method']} base")
-    ax.set_xlabel("share of coco_dev's training images (%)")
+        top = max([top] + [r["miou_target"] for r in rows] + [r["miou_base"] for r in rows])
+    ax.set_xlabel("share of the training images (%)")
     ax.set_ylabel("strict concept mIoU, held-out images")
     ax.set_xticks([25, 50, 75, 100])
+    ax.set_ylim(0, 1.5 * top)  # from zero: small differences are not drawn as slopes
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Does more data pay? (ovseg scaling)")
