@@ -224,8 +224,10 @@ def label(source, dataset_name: str, words: str | None = None, captions: bool = 
         bar.set_postfix(samples=added)
     bar.close()
     seconds = time.perf_counter() - t0
-    _save_views(ds)
-    _show_in_app(ds)
+    if shard is None or shard[0] == 0:  # one worker writes the saved views (queries: they cover every shard)
+        ds.reload()
+        _save_views(ds)
+        _show_in_app(ds)
     n_images = len(todo) - len(failed)
     return {"dataset": dataset_name, "shard": list(shard) if shard else None, "images": len(images),
             "labelled_images": n_images, "skipped_images": skipped,
