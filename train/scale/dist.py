@@ -39,18 +39,14 @@ class Context:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" (CUDA when visible, else CPU), "cpu" or "cuda"; a torchrun process takes the GPU of its local
-    rank."""
+    """"auto" (CUDA when visible, else CPU), "cpu" or "cuda", as `ovseg.core.device.resolve_device` resolves
+    them (with its error for a CUDA that is not there); a torchrun process takes the GPU of its local rank."""
+    from ovseg.core.device import resolve_device as resolve
+
     if name not in DEVICE_CHOICES:
         raise ValueError(f"--device must be one of {DEVICE_CHOICES}, got {name!r}")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: this torch build sees no CUDA device (torch.cuda.is_available() is "
-                             "False); use --device cpu")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    dev = resolve(name)
+    return torch.device("cuda", local_rank % torch.cuda.device_count()) if dev.type == "cuda" else dev
 
 
 def setup(device: str = "auto") -> Context:
