@@ -44,6 +44,15 @@ def trainer_args(method: str, fraction: float, out: Path, extra: list[str]) -> a
     return args
 
 
+def trained_folder(ckpt: Path) -> Path | None:
+    """The folder a trainer wrote under --out `ckpt`: `ckpt` itself, or the one model folder inside it (a
+    trainer such as cls_saliency writes <out>/<variant>/); None when nothing finished there."""
+    if (ckpt / "training.json").is_file():
+        return ckpt
+    inside = [d for d in sorted(ckpt.glob("*/training.json"))] if ckpt.is_dir() else []
+    return inside[0].parent if len(inside) == 1 else None
+
+
 def study(method: str, fractions: list[float], out_dir: str | Path, coco_dir: str, extra: list[str],
           progress: bool = True) -> dict:
     """Train and score METHOD at each fraction (a fraction whose checkpoint and scores exist is reused);
@@ -58,21 +67,25 @@ def study(method: str, fractions: list[float], out_dir: str | Path, coco_dir: st
         key = f"{f:g}"
         ckpt = folder / f"fraction-{key}"
         row = record["rows"].get(key)
-        if row and (ckpt / "training.json").is_file() and row.get("extra") == extra:
+        trained = trained_folder(ckpt)
+        if row and trained and row.get("extra") == extra:
             log.info("%s at %s: already measured", method, key)
             continue
-        if (ckpt / "training.json").is_file() and not row:  # trained already (by hand, or an interrupted study)
-            log.info("%s at %s: scoring the checkpoint already in %s", method, key, ckpt)
-            seconds = json.loads((ckpt / "training.json").read_text()).get("seconds")
-            train_s = seconds.get("total") if isinstance(seconds, dict) else None
+        if trained and not row:  # trained already (by hand, or an interrupted study)
+            log.info("%s at %s: scoring the checkpoint already in %s", method, key, trained)
+            seconds = json.loads((trained / "training.json").read_text()).get("seconds")
+            train_s = seconds.get("total", seconds.get("training")) if isinstance(seconds, dict) else None
         else:
             t0 = time.perf_counter()
             trainers()[method].run(trainer_args(method, f, ckpt, extra))
             train_s = time.perf_counter() - t0
-        spec = f"{method}[checkpoint={ckpt}]"
+            trained = trained_folder(ckpt)
+            if trained is None:
+                raise ValueError(f"`ovseg train {method} --out {ckpt}` left no training.json there")
+        spec = f"{method}[checkpoint={trained}]"
         metrics, _ = evaluate(coco_dir, [spec], progress=progress, reference=False, held_out_only=True)
         m = metrics["methods"][spec]
-        summary = json.loads((ckpt / "training.json").read_text())
+        summary = json.loads((trained / "training.json").read_text())
         images = summary.get("data", {}).get("images") if isinstance(summary.get("data"), dict) else None
         if images is None:  # the trainer does not count them: the share of the default training split
             from ovseg.train.coco import CocoConceptDataset, fraction_of, split_image_ids

@@ -9,6 +9,11 @@ sem2c_neg (S- from the classifier's top unrelated labels: the method). `--salien
 S+/S- gated by the labels' class activation maps instead (the project's class-discriminative option, not the
 paper's); its checkpoint folder is <variant>-cam_gated; `--saliency cam` trains on the labels' class
 activation maps themselves (dense priors; folder <variant>-cam).
+
+It runs on `ovseg.train.scale` like every scalable trainer: `--device cuda`, `--amp`, `--workers`, and under
+`torchrun --nproc_per_node=N` each process computes the saliency maps of every N-th image and then trains on
+its share of every batch (N processes train the weights of one); rank 0 alone writes. The training state goes
+to <out>/<folder>.resume/ every `--checkpoint-every` steps, and `--resume` goes on from it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import io
 import json
 import logging
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,8 +40,10 @@ from ovseg.core.methods.cls_saliency.proxy_labels import K, proxy_labels
 from ovseg.core.methods.cls_saliency.saliency import (SALIENCY_MODES, cam_gate, cam_prior, class_activation, guided_net,
                                                       label_saliency, mean_saliency)
 from ovseg.core.ops.segmenter import SegmenterConfig, save_segmenter
-from ovseg.train.coco import (HOLDOUT_FRACTION, SPLIT_SEED, CocoConceptDataset, base_training_pairs, split_image_ids,
-                              training_mask)
+from ovseg.train.coco import (HOLDOUT_FRACTION, SPLIT_SEED, CocoConceptDataset, base_training_pairs, fraction_of,
+                              split_image_ids, training_mask)
+from ovseg.train.scale import dist
+from ovseg.train.scale.cli import add_scale_arguments
 from ovseg.train.segmenter_fit import fit_segmenter, loss_summary, resized_target, training_sample
 from ovseg.train.registry import register_trainer
 
@@ -67,6 +75,12 @@ class TrainConfig:
     train_backbone: str = "stem"
     saliency: str = "guided_backprop"  # or "cam_gated" (not the paper's; see ovseg.core.methods.cls_saliency.saliency.cam_gate)
     priors_to_head: bool = False  # see SegmenterConfig.priors_to_head
+    fraction: float = 1.0  # the data-scaling study: this share of the training images (nested shares)
+    device: str = "auto"
+    amp: str = "auto"
+    workers: int = 0  # DataLoader worker processes per training process
+    checkpoint_every: int = 20  # steps between training-state checkpoints
+    resume: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -121,6 +135,18 @@ class SaliencyCache:
         return out
 
 
+class CachedPriors:
+    """{(image_id, name): {"pos": S+, "neg": S-}} read from a SaliencyCache's files when asked (they must be
+    there: `SaliencyCache.get_image` made them)."""
+
+    def __init__(self, cache: SaliencyCache, negatives: str):
+        self.cache, self.kinds = cache, ["pos"] + ([f"neg-{negatives}"] if negatives != "none" else [])
+
+    def __getitem__(self, pair: tuple[int, str]) -> dict:
+        image_id, name = pair
+        return {kind.split("-")[0]: np.load(self.cache.path(kind, image_id, name)) for kind in self.kinds}
+
+
 def gate_entries(models: Models, cfg: TrainConfig, dataset, image_id: int, names: list[str], negatives: str,
                   entries: dict) -> None:
     """Replace the cached guided-backprop S+/S- of an image's pairs by their CAM-gated versions, or by the
@@ -141,23 +167,39 @@ def gate_entries(models: Models, cfg: TrainConfig, dataset, image_id: int, names
                 if cfg.saliency == "cam":
                     gated = cam_prior(activation, entry[key].shape)
                 else:
-                    gated = cam_gate(torch.from_numpy(entry[key].astype(np.float32)), activation)
-                entry[key] = gated.numpy().astype(np.float16)
+                    gated = cam_gate(torch.from_numpy(entry[key].astype(np.float32)).to(activation.device),
+                                     activation)
+                entry[key] = gated.cpu().numpy().astype(np.float16)
 
 
-def _sample(dataset, image_id, name, entry, cfg: TrainConfig, in_channels: int, flip: bool, targets: dict):
-    """-> (in_channels, S, S) input and (S, S) long target at the training size. `targets` keeps each pair's
-    resized target, so its annotations are decoded once, not once per epoch."""
+TARGET_CACHE_PAIRS = 20_000  # up to this many pairs, resized targets (100 KB each at 320 px) stay in memory
+
+
+def _sample(dataset, image_id, name, entry, cfg: TrainConfig, in_channels: int, flip: bool, targets: dict | None):
+    """-> (in_channels, S, S) input and (S, S) long target at the training size. `targets` (None: decode every
+    time) keeps each pair's resized target, so its annotations are decoded once, not once per epoch."""
     rgb = dataset.load_rgb(image_id)
     x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], cfg.long_side), torch.device("cpu"))[0]
     priors = [torch.from_numpy(entry[k].astype(np.float32)) for k in ("pos", "neg")[: in_channels - 3]]
-    if (image_id, name) not in targets:
-        targets[(image_id, name)] = resized_target(training_mask(dataset, image_id, name), cfg.train_size)
-    return training_sample(x, priors, targets[(image_id, name)].long(), cfg.train_size, flip)
+    target = None if targets is None else targets.get((image_id, name))
+    if target is None:
+        target = resized_target(training_mask(dataset, image_id, name), cfg.train_size)
+        if targets is not None:
+            targets[(image_id, name)] = target
+    return training_sample(x, priors, target.long(), cfg.train_size, flip)
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """Train one variant; write weights.pt, config.json and training.json into cfg.out/<variant>/."""
+def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
+    """Train one variant; write weights.pt, config.json and training.json into cfg.out/<variant>/ (rank 0;
+    other torchrun processes return None)."""
+    ctx = dist.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, progress and ctx.main)
+    finally:
+        dist.teardown()
+
+
+def _train(cfg: TrainConfig, ctx: dist.Context, progress: bool) -> Path | None:
     from tqdm import tqdm
 
     torch.manual_seed(cfg.seed)
@@ -165,23 +207,32 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     in_channels, negatives = VARIANTS[cfg.variant]
     dataset = CocoConceptDataset(cfg.coco_dir)
     train_ids, held_ids = split_image_ids(dataset.image_ids, cfg.holdout_fraction, cfg.seed)
+    train_ids = fraction_of(train_ids, cfg.fraction, cfg.seed)
     pairs = base_training_pairs(dataset, train_ids)
     if cfg.max_pairs:
         pairs = rng.sample(pairs, min(cfg.max_pairs, len(pairs)))
     if not pairs:
         raise ValueError(f"no (image, base class) pair to train on in {cfg.coco_dir}")
 
-    models = Models("cpu")
+    models = Models(ctx.device)
     cache = SaliencyCache(cache_dir() / "saliency", models, cfg.mapper, cfg.long_side)
     by_image: dict[int, list[str]] = {}
     for image_id, name in pairs:
         by_image.setdefault(image_id, []).append(name)
-    entries = {}
+    kind = negatives if in_channels == 5 else "none"
     t0 = time.perf_counter()
-    for image_id, names in tqdm(by_image.items(), desc="saliency maps", unit="img", disable=not progress):
-        got = cache.get_image(image_id, names, negatives if in_channels == 5 else "none",
-                              lambda i=image_id: dataset.load_rgb(i))
-        entries.update({(image_id, n): e for n, e in got.items()})
+    # Each process computes the maps of every world-th image into the shared cache, then all read them all.
+    mine = list(by_image.items())[ctx.rank :: ctx.world]
+    for image_id, names in tqdm(mine, desc="saliency maps", unit="img", disable=not progress):
+        cache.get_image(image_id, names, kind, lambda i=image_id: dataset.load_rgb(i))
+    dist.barrier()
+    if cfg.saliency == "guided_backprop":  # read per sample from the cache: nothing dataset-sized in memory
+        entries = CachedPriors(cache, kind)
+    else:  # the CAM-based priors are made from the cached maps here, in memory (coco_dev-sized runs)
+        entries = {}
+        for image_id, names in by_image.items():
+            got = cache.get_image(image_id, names, kind, lambda i=image_id: dataset.load_rgb(i))
+            entries.update({(image_id, n): e for n, e in got.items()})
     if cfg.saliency in ("cam_gated", "cam"):
         for image_id, names in tqdm(by_image.items(), desc=f"{cfg.saliency} priors", unit="img", disable=not progress):
             gate_entries(models, cfg, dataset, image_id, names, negatives, entries)
@@ -189,15 +240,22 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     seg_cfg = SegmenterConfig(in_channels=in_channels, train_backbone=cfg.train_backbone,
                               priors_to_head=cfg.priors_to_head)
-    targets: dict = {}
+    targets: dict | None = {} if len(pairs) <= TARGET_CACHE_PAIRS else None
+    name = checkpoint_name(cfg.variant, cfg.saliency)
+    resume_dir = Path(cfg.out) / f"{name}.resume"
     model, losses, train_s = fit_segmenter(
         seg_cfg, pairs, lambda pair, flip: _sample(dataset, *pair, entries[pair], cfg, in_channels, flip, targets),
         epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
-        rng=rng, progress=progress, desc=f"train {checkpoint_name(cfg.variant, cfg.saliency)}")
-    return _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, train_s)
+        rng=rng, progress=progress, desc=f"train {name}", ctx=ctx, workers=cfg.workers, amp=cfg.amp,
+        checkpoint=str(resume_dir / "state.pt"), checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
+    if not ctx.main:
+        return None
+    out = _save(model.cpu(), cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, train_s, ctx)
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the run finished: nothing to resume
+    return out
 
 
-def _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, train_s) -> Path:
+def _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, train_s, ctx) -> Path:
     out = Path(cfg.out) / checkpoint_name(cfg.variant, cfg.saliency)
     classes: dict[str, int] = {}
     for _, name in pairs:
@@ -210,6 +268,8 @@ def _save(model, cfg, seg_cfg, pairs, train_ids, held_ids, losses, saliency_s, t
                  "classes": "base classes only (DESIGN.md split); no target-class mask is read"},
         "loss": loss_summary(losses),
         "seconds": {"saliency_maps": round(saliency_s, 1), "training": round(train_s, 1)},
+        "pairs_per_s": round(cfg.epochs * len(pairs) / train_s, 2) if train_s else None,
+        "processes": ctx.world, "device": str(ctx.device),
         "torch": torch.__version__,
     }
     save_segmenter(out, model, seg_cfg, asdict(cfg))
@@ -234,14 +294,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--max-pairs", type=int, default=None, help="train on a random subset (quick runs)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="train on this share of the training images (the data-scaling study; nested shares)")
+    add_scale_arguments(p, TrainConfig)
 
 
-def run(args) -> Path:
+def run(args) -> Path | None:
     cfg = TrainConfig(coco_dir=args.coco, out=args.out, variant=args.variant, mapper=args.mapper,
                       saliency=args.saliency, priors_to_head=args.priors_to_head,
                       train_backbone=args.train_backbone,
-                      epochs=args.epochs, batch_size=args.batch_size, max_pairs=args.max_pairs)
+                      epochs=args.epochs, batch_size=args.batch_size, max_pairs=args.max_pairs,
+                      fraction=args.fraction, device=args.device, amp=args.amp, workers=args.workers,
+                      checkpoint_every=args.checkpoint_every, resume=args.resume)
     return train(cfg)
 
 
-register_trainer("cls_saliency", "Golub et al.'s class-agnostic segmenter", add_arguments, run)
+register_trainer("cls_saliency", "Golub et al.'s class-agnostic segmenter", add_arguments, run, distributed=True)

@@ -48,6 +48,7 @@ from ovseg.train.scale import dist
 from ovseg.train.scale.corpora import CocoCorpus, Corpus, open_corpus
 from ovseg.train.scale.dist import Context, all_reduce_sum, gather_rows
 from ovseg.train.scale.features import FeatureCache, module_fingerprint
+from ovseg.train.scale.cli import add_scale_arguments
 from ovseg.train.scale.loop import LoopConfig, fit, item_rng, item_seed, steps_per_epoch
 
 log = logging.getLogger(__name__)
@@ -359,6 +360,7 @@ def train_network(cfg: TrainConfig, source: PairSource, ctx: Context, progress: 
     record = fit(net, opt, sched, source, make_step(cfg, ctx, ema, source.entity_emb), loop, ctx, collate=collate,
                  after_step=(lambda: ema_update(ema, net, cfg.momentum)) if ema is not None else None,
                  extra={"ema": ema} if ema is not None else None)
+    record.pop("step_totals")  # the per-epoch means are the record here
     return net.eval(), record
 
 
@@ -663,23 +665,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and redo their held-out evaluation if training.json has one")
     p.add_argument("--no-ablation", action="store_true", help="train the full model only (no Table 3/5 rows)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
-    add_scale_arguments(p, d)
-
-
-def add_scale_arguments(p: argparse.ArgumentParser, d) -> None:
-    """The flags every scalable trainer shares: device, mixed precision, workers, caches, resuming."""
-    p.add_argument("--device", default=d.device, choices=dist.DEVICE_CHOICES,
-                   help="auto: CUDA when visible, else CPU; under torchrun each process takes its local rank's GPU")
-    p.add_argument("--amp", default=d.amp, choices=("auto", "on", "off"),
-                   help="mixed precision: auto = float16 + GradScaler on CUDA, off on CPU")
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training process")
-    p.add_argument("--no-feature-cache", action="store_true",
-                   help="recompute frozen-model features every epoch instead of caching them on disk")
-    p.add_argument("--memory-cache-mb", type=int, default=d.memory_cache_mb,
-                   help=f"features each process keeps in memory over the disk cache (default {d.memory_cache_mb})")
-    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every,
-                   help=f"write the training state every N steps (default {d.checkpoint_every}) to <out>.resume/")
-    p.add_argument("--resume", action="store_true", help="go on from <out>.resume/ after an interrupted run")
+    add_scale_arguments(p, d, features=True)
 
 
 def run(args) -> Path | None:
@@ -697,4 +683,4 @@ def run(args) -> Path | None:
 
 
 register_trainer("ovsegmentor", "OVSegmentor's groups from image-caption pairs (contrast, entity completion, "
-                 "mask consistency)", add_arguments, run)
+                 "mask consistency)", add_arguments, run, distributed=True)

@@ -139,3 +139,101 @@ def gather_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     rows = _GatherRows.apply(padded)
     valid = torch.cat([torch.arange(most, device=t.device) < s for s in sizes])
     return rows, valid
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """all_reduce(sum) forward; backward: the gradient of a sum over processes with respect to this process's
+    term is the sum of every process's upstream gradient."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous().clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def differentiable_sum(t: torch.Tensor) -> torch.Tensor:
+    """t summed over the processes, with the gradient flowing back to every process's term; t with one."""
+    return _AllReduceSum.apply(t) if _active() else t
+
+
+class DistBatchNorm2d(torch.nn.BatchNorm2d):
+    """BatchNorm2d whose training-mode statistics are those of the global batch: every process's sums are
+    all-reduced (with gradients), so N processes normalise exactly as one process holding the whole batch
+    would. torch's SyncBatchNorm needs CUDA tensors; this runs on gloo (CPU) and NCCL alike. A process may
+    hold no rows of a small batch. Outside training, or with one process, it is plain BatchNorm2d."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _active()):
+            return super().forward(x)
+        dims, dtype = (0, 2, 3), x.dtype
+        x = x.float()  # statistics in float32, also under autocast
+        count = all_reduce_sum(x.new_tensor([x.numel() / x.shape[1]]))
+        if float(count) < 2:
+            raise ValueError(f"batch norm needs at least 2 values per channel over all processes, got {int(count)}")
+        mean = differentiable_sum(x.sum(dims)) / count
+        centred = x - mean[None, :, None, None]
+        var = differentiable_sum((centred * centred).sum(dims)) / count
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+                n = float(count)
+                self.running_mean.mul_(1 - factor).add_(mean.detach(), alpha=factor)
+                self.running_var.mul_(1 - factor).add_(var.detach() * (n / (n - 1)), alpha=factor)
+        y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(dtype)
+
+
+class DistDropout(torch.nn.Dropout):
+    """Dropout whose mask is drawn for the global batch, as one process holding it would draw it, and cut to
+    this process's rows (every world-th row from its rank on, `ovseg.train.scale.loop.local_share`). Every
+    process must hold the same RNG state (`broadcast_rng`); each then draws the same global mask. Outside
+    training, or with one process, it is plain Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _active()) or self.p == 0:
+            return super().forward(x)
+        if self.inplace:
+            raise ValueError("DistDropout does not run in place")
+        rows = int(all_reduce_sum(torch.tensor([len(x)], device=x.device)).item())
+        keep = torch.empty((rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
+        mask = keep[dist.get_rank() :: dist.get_world_size()][: len(x)]
+        return x * mask / (1 - self.p)
+
+
+def sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:
+    """Make every BatchNorm2d in `module` a DistBatchNorm2d and every Dropout a DistDropout, in place (same
+    parameters, buffers and state dict; only training-mode statistics and masks change, and only with several
+    processes), so that N processes train what one process would. Returns `module`."""
+    for m in module.modules():
+        if type(m) is torch.nn.BatchNorm2d:
+            m.__class__ = DistBatchNorm2d
+        elif type(m) is torch.nn.Dropout:
+            m.__class__ = DistDropout
+    return module
+
+
+def broadcast_rng() -> None:
+    """Rank 0's torch RNG states (CPU, and the current GPU's under NCCL) to every process, so that draws for
+    the global batch agree."""
+    if not _active():
+        return
+    nccl = dist.get_backend() == "nccl"
+    states = [(torch.get_rng_state, torch.set_rng_state)]
+    if nccl:
+        states.append((torch.cuda.get_rng_state, torch.cuda.set_rng_state))
+    for get, put in states:
+        state = get()
+        if nccl:  # NCCL carries GPU tensors only
+            state = state.cuda()
+        dist.broadcast(state, 0)
+        put(state.cpu())

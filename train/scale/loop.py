@@ -71,7 +71,8 @@ def item_rng(seed: int, epoch: int, index: int) -> tuple[random.Random, torch.Ge
 
 
 class _EpochView(Dataset):
-    """source.item(index, epoch) as a map-style dataset of one epoch."""
+    """source.item(key, epoch) as a map-style dataset of one epoch (key: an index, or whatever a plan's
+    batches hold)."""
 
     def __init__(self, source, epoch: int):
         self.source, self.epoch = source, epoch
@@ -79,16 +80,28 @@ class _EpochView(Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, index: int):
-        return self.source.item(int(index), self.epoch)
+    def __getitem__(self, key):
+        return self.source.item(key, self.epoch)
+
+
+def global_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """The global batches of an epoch: DistributedSampler's (seed, epoch) permutation of range(n) cut into
+    batches of `batch_size`, an incomplete last batch dropped."""
+    sampler = DistributedSampler(range(n), num_replicas=1, rank=0, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    order = list(sampler)
+    return [order[b : b + batch_size] for b in range(0, (n // batch_size) * batch_size, batch_size)]
+
+
+def local_share(batch: list, ctx: Context) -> list:
+    """This process's items of a global batch: every world-th one from its rank on. That is what a
+    DistributedSampler gives rank r, so the default plan is the sampler's order split the usual way."""
+    return list(batch[ctx.rank :: ctx.world])
 
 
 def epoch_indices(n: int, batch_size: int, epoch: int, ctx: Context, seed: int) -> list[int]:
     """This process's items of an epoch, in order: its share of each global batch, incomplete batch dropped."""
-    steps = n // batch_size
-    sampler = DistributedSampler(range(n), num_replicas=ctx.world, rank=ctx.rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    return list(sampler)[: steps * (batch_size // ctx.world)]
+    return [i for batch in global_batches(n, batch_size, epoch, seed) for i in local_share(batch, ctx)]
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
@@ -128,8 +141,14 @@ def load_state(path: str | Path, device: torch.device) -> dict:
 
 def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step: Callable, cfg: LoopConfig,
         ctx: Context, *, collate: Callable, after_step: Callable | None = None,
-        extra: dict[str, torch.nn.Module] | None = None) -> dict:
+        extra: dict[str, torch.nn.Module] | None = None,
+        plan: Callable[[int], list[list]] | None = None) -> dict:
     """Train `model` for cfg.epochs over `source` (len(source) items; `source.item(index, epoch)` decodes one).
+
+    `plan(epoch)`: the epoch's global batches, each a list of keys for `source.item` (the same list in every
+    process, and the same number of batches every epoch); batches may differ in size, and a process may get
+    an empty share of a small one (its `collate` then sees an empty list, and its `step` must still run the
+    model, for the collectives). Default: `global_batches` (the sampler's order, cfg.batch_size items each).
 
     `step(model, batch, epoch)` -> (loss, logs): the loss to back-propagate, normalised by the global batch, and
     a dict of float values to record (the same on every process: global, not local, figures).
@@ -139,14 +158,19 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     Returns {"epochs": [per epoch: the mean of each logged value], "steps", "seconds" (training, over every
     run that led here), "items_per_s" (items over those seconds, all processes together),
     "items_per_s_this_run" (this run's items over its wall time, checkpoints included), "resumed_from_step",
-    "processes", "device", "amp"}.
+    "processes", "device", "amp", "step_totals" (each step's logged "total", or its loss)}.
     """
     from tqdm import tqdm
 
-    if cfg.batch_size % ctx.world:
+    if plan is None and cfg.batch_size % ctx.world:
         raise ValueError(f"the global batch size {cfg.batch_size} does not divide among {ctx.world} processes")
-    local_batch = cfg.batch_size // ctx.world
-    per_epoch = steps_per_epoch(len(source), cfg.batch_size)
+    if plan is None:
+        per_epoch = steps_per_epoch(len(source), cfg.batch_size)
+        plan = lambda epoch: global_batches(len(source), cfg.batch_size, epoch, cfg.seed)  # noqa: E731
+    else:
+        per_epoch = len(plan(0))
+        if per_epoch == 0:
+            raise ValueError("the training plan has no batch")
     total = cfg.epochs * per_epoch
     cuda = ctx.device.type == "cuda"
     amp = cfg.amp == "on" or (cfg.amp == "auto" and cuda)
@@ -155,10 +179,12 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     extra = extra or {}
     params = [p for p in model.parameters() if p.requires_grad]
     dist.broadcast_state(model)
+    dist.broadcast_rng()
     for module in extra.values():
         dist.broadcast_state(module)
 
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "records": [], "sums": {}, "seconds": 0.0}
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "records": [], "sums": {}, "seconds": 0.0,
+             "step_totals": []}
     resumed_from = None
     if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).is_file():
         saved = load_state(cfg.checkpoint, ctx.device)
@@ -193,11 +219,16 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     images = 0
     model.train()
     for epoch in range(state["epoch"], cfg.epochs):
-        indices = epoch_indices(len(source), cfg.batch_size, epoch, ctx, cfg.seed)
-        start = state["step_in_epoch"] * local_batch
-        loader = DataLoader(_EpochView(source, epoch), batch_size=local_batch, sampler=indices[start:],
-                            num_workers=cfg.workers, collate_fn=collate, pin_memory=cuda)
-        for batch in loader:
+        batches = plan(epoch)
+        if len(batches) != per_epoch:
+            raise ValueError(f"the training plan has {len(batches)} batches in epoch {epoch + 1}, {per_epoch} in the first")
+        todo = batches[state["step_in_epoch"]:]
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from torch's global RNG,
+        # which would shift the model's own draws (dropout) and differ between a run and its resumption.
+        loader = DataLoader(_EpochView(source, epoch), batch_sampler=[local_share(b, ctx) for b in todo],
+                            num_workers=cfg.workers, collate_fn=collate, pin_memory=cuda,
+                            generator=torch.Generator().manual_seed(item_seed(cfg.seed, epoch, -1) & (2**63 - 1)))
+        for batch, global_batch in zip(loader, todo):
             with torch.autocast(ctx.device.type, dtype=amp_dtype, enabled=amp):
                 loss, logs = step(model, batch, epoch)
             opt.zero_grad(set_to_none=True)
@@ -214,11 +245,12 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
                 after_step()
             for k, v in logs.items():
                 state["sums"][k] = state["sums"].get(k, 0.0) + float(v)
+            state["step_totals"].append(float(logs.get("total", loss.detach())))
             state["step_in_epoch"] += 1
             state["global_step"] += 1
-            images += cfg.batch_size
+            images += len(global_batch)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{float(logs.get('total', loss.detach())):.3f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{state['step_totals'][-1]:.3f}")
             if state["step_in_epoch"] < per_epoch and cfg.checkpoint_every and \
                     state["global_step"] % cfg.checkpoint_every == 0:
                 state["seconds"] += time.perf_counter() - t0
@@ -233,7 +265,9 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     model.eval()
     run_s = time.perf_counter() - run_t0
     seconds = state["seconds"]
+    items = sum(len(b) for e in range(cfg.epochs) for b in plan(e))
     return {"epochs": state["records"], "steps": state["global_step"], "seconds": round(state["seconds"], 1),
-            "items_per_s": round(state["global_step"] * cfg.batch_size / seconds, 2) if seconds else None,
+            "items_per_s": round(items / seconds, 2) if seconds else None,
             "items_per_s_this_run": round(images / run_s, 2) if images else None,
-            "resumed_from_step": resumed_from, "processes": ctx.world, "device": str(ctx.device), "amp": amp}
+            "resumed_from_step": resumed_from, "processes": ctx.world, "device": str(ctx.device), "amp": amp,
+            "step_totals": state["step_totals"]}
