@@ -78,3 +78,17 @@ def test_fractions_of_the_training_split_are_nested_and_keep_the_order():
     assert fraction_of(ids, 0.25, seed=4) != quarter  # the seed picks them
     with pytest.raises(ValueError, match="--fraction"):
         fraction_of(ids, 0.0)
+
+
+def test_a_trainer_that_writes_a_model_folder_inside_out_is_scored_from_that_folder(tmp_path):
+    ckpt = tmp_path / "fraction-0.5"
+    assert scaling.trained_folder(ckpt) is None  # nothing there yet
+    (ckpt / "sem2c_neg.resume").mkdir(parents=True)  # an interrupted run's state is not a model
+    assert scaling.trained_folder(ckpt) is None
+    (ckpt / "sem2c_neg").mkdir()
+    (ckpt / "sem2c_neg" / "training.json").write_text("{}")
+    assert scaling.trained_folder(ckpt) == ckpt / "sem2c_neg"
+    (ckpt / "training.json").write_text("{}")  # a trainer writing into --out itself wins
+    assert scaling.trained_folder(ckpt) == ckpt
+    args = scaling.trainer_args("cls_saliency", 0.25, tmp_path / "x", ["--epochs", "1"])
+    assert args.fraction == 0.25 and args.epochs == 1 and args.resume is False and args.device == "auto"
