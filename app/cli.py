@@ -408,8 +408,14 @@ def cmd_methods(args) -> int:
 def _words_not_options(argv: list[str]) -> list[str]:
     """argparse takes any argument that starts with '-' for an option, so a word list that starts with a
     negative ("-dog,cat") would be answered with the usage text. No option of ovseg holds a comma: such an
-    argument gets a leading space, which argparse reads as a value (the word parser strips it)."""
-    return [" " + a if a.startswith("-") and not a.startswith("--") and "," in a else a for a in argv]
+    argument gets a leading space, which argparse reads as a value (the word parser strips it). The value of
+    `ovseg scaling --train-args` is glued to it with "=" for the same reason."""
+    out = [" " + a if a.startswith("-") and not a.startswith("--") and "," in a else a for a in argv]
+    # `--train-args --no-ablation`: its value is itself a flag, which argparse would take for an option.
+    for i in range(len(out) - 1):
+        if out[i] == "--train-args" and out[i + 1].startswith("-"):
+            out[i : i + 2] = [f"--train-args={out[i + 1]}", None]
+    return [a for a in out if a is not None]
 
 
 def check_output_folder(path, option: str = "--out") -> Path:

@@ -384,3 +384,13 @@ def test_eval_names_an_invalid_instances_file(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert str(coco / "instances.json") in lines[0] and "not valid" in lines[0], lines[0]
+
+
+def test_scaling_takes_a_single_trainer_flag_as_its_train_args():
+    from ovseg.app.cli import _parser, _words_not_options
+
+    for argv, want in ((["--train-args", "--no-ablation"], "--no-ablation"),
+                       (["--train-args", "--no-ablation --no-eval"], "--no-ablation --no-eval"),
+                       (["--train-args=--epochs 2"], "--epochs 2")):
+        args = _parser().parse_args(_words_not_options(["scaling", "concept_mask", *argv, "--fractions", "0.5"]))
+        assert args.train_args == want and args.method == "concept_mask" and args.fractions == "0.5"
