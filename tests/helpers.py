@@ -102,3 +102,25 @@ def server_tracebacks(log: str) -> list[str]:
     closed while the browser still sent an upload: starlette's ClientDisconnect), which is no server error."""
     blocks = log.split("Traceback (most recent call last):")[1:]
     return [b for b in blocks if not b.rstrip().endswith("starlette.requests.ClientDisconnect")]
+
+
+def kill_after_checkpoint(proc: subprocess.Popen, state: Path, min_step: int, timeout_s: float = 300) -> None:
+    """SIGKILL a training run once its training-state file (ovseg.train.scale.loop) records at least
+    `min_step` steps; fails if the run ends first."""
+    import signal
+
+    import torch
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and proc.poll() is None:
+        if state.is_file():
+            try:
+                step = torch.load(state, map_location="cpu", weights_only=False)["loop"]["global_step"]
+            except Exception:  # noqa: BLE001 - being replaced this instant (atomic rename): try again
+                step = 0
+            if step >= min_step:
+                break
+        time.sleep(0.05)
+    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()

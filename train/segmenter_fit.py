@@ -140,7 +140,8 @@ def fit_segmenter(seg_cfg: SegmenterConfig, pairs: list, sample: Callable, *, ep
     plan = segmenter_plan(len(pairs), epochs, batch_size, rng)
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * len(plan[0]), pct_start=0.1)
-    shape = tuple(sample(pairs[0], False)[0].shape)
+    # An empty share of a small batch still runs the model (for the collectives): it needs the input's shape.
+    shape = tuple(sample(pairs[0], False)[0].shape) if ctx.distributed else None
     loop = LoopConfig(epochs=epochs, batch_size=batch_size, seed=seed, workers=workers, amp=amp,
                       checkpoint=checkpoint, checkpoint_every=checkpoint_every, resume=resume, desc=desc,
                       progress=progress and ctx.main)

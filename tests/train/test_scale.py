@@ -6,16 +6,14 @@ a WebDataset shard and a JSONL caption corpus made here train."""
 import io
 import json
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import time
 
 import pytest
 import torch
 
-from helpers import COCO_DEV
+from helpers import COCO_DEV, kill_after_checkpoint
 
 from ovseg.train.scale.corpora import CaptionFileCorpus, CorpusError, TarCorpus, open_corpus
 from ovseg.train.scale.dist import Context
@@ -170,19 +168,7 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_weights(env, uni
     state = tmp_path / "ovs.resume" / "full.pt"
     args = [*TINY, "--coco", str(COCO_DEV), "--out", str(out), "--checkpoint-every", "1"]
     proc = _ovseg(args, env, wait=False)
-    deadline, step = time.time() + 300, 0
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file():
-            try:
-                step = torch.load(state, map_location="cpu", weights_only=False)["loop"]["global_step"]
-            except Exception:  # noqa: BLE001 - being replaced this instant (atomic rename): try again
-                step = 0
-            if step >= 1:
-                break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(proc, state, min_step=1)
     assert not out.exists() and state.is_file()  # no half-written model folder
     _ovseg([*args, "--resume"], env)
     record = json.loads((out / "training.json").read_text())["networks"]["full"]["training"]

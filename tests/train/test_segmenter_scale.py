@@ -6,16 +6,14 @@ batch, and a run killed with SIGKILL and resumed ends with the uninterrupted wei
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
 
-from helpers import COCO_DEV
+from helpers import COCO_DEV, kill_after_checkpoint
 
 from ovseg.train.segmenter_fit import segmenter_plan
 
@@ -187,19 +185,7 @@ def test_cls_saliency_killed_with_sigkill_resumes_to_the_uninterrupted_weights(e
     state = out / "sem1c.resume" / "state.pt"
     args = ["--out", str(out), "--checkpoint-every", "1"]
     proc = _train(args, env, wait=False)
-    deadline, step = time.time() + 300, 0
-    while time.time() < deadline and proc.poll() is None:
-        if state.is_file():
-            try:
-                step = torch.load(state, map_location="cpu", weights_only=False)["loop"]["global_step"]
-            except Exception:  # noqa: BLE001 - being replaced this instant (atomic rename): try again
-                step = 0
-            if step >= 2:
-                break
-        time.sleep(0.05)
-    assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    kill_after_checkpoint(proc, state, min_step=2)
     assert not (out / "sem1c").exists() and state.is_file()  # no half-written model folder
     _train([*args, "--resume"], env)
     assert not state.parent.exists()  # cleared once the run finished

@@ -184,7 +184,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
         dist.broadcast_state(module)
 
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "records": [], "sums": {}, "seconds": 0.0,
-             "step_totals": []}
+             "step_totals": [], "items": 0}
     resumed_from = None
     if cfg.resume and cfg.checkpoint and Path(cfg.checkpoint).is_file():
         saved = load_state(cfg.checkpoint, ctx.device)
@@ -200,6 +200,8 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
             module.load_state_dict(saved["extra"][name])
         _set_rng_state(saved["rng"])
         state = saved["loop"]
+        state.setdefault("step_totals", [])  # a state written before these were recorded
+        state.setdefault("items", state["global_step"] * cfg.batch_size)
         resumed_from = state["global_step"]
         if ctx.main:
             log.info("resuming %s at step %d of %d", cfg.desc, resumed_from, total)
@@ -248,6 +250,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
             state["step_totals"].append(float(logs.get("total", loss.detach())))
             state["step_in_epoch"] += 1
             state["global_step"] += 1
+            state["items"] += len(global_batch)
             images += len(global_batch)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{state['step_totals'][-1]:.3f}")
@@ -265,7 +268,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     model.eval()
     run_s = time.perf_counter() - run_t0
     seconds = state["seconds"]
-    items = sum(len(b) for e in range(cfg.epochs) for b in plan(e))
+    items = state["items"]
     return {"epochs": state["records"], "steps": state["global_step"], "seconds": round(state["seconds"], 1),
             "items_per_s": round(items / seconds, 2) if seconds else None,
             "items_per_s_this_run": round(images / run_s, 2) if images else None,
