@@ -103,8 +103,8 @@ def retrain(cfg: RetrainConfig, progress: bool = True, db_dir=None, on_stage=Non
     from ovseg.app.curate.fo import load_dataset
     from ovseg.app.curate.retrain_segmenter import SegmenterRetrainConfig, evaluate_before_after, retrain_segmenter
     from ovseg.train.coco import BASE_CLASSES, CocoConceptDataset, split_image_ids
-    from ovseg.train.methods.xpm import (TrainConfig, fit_network, as_float, base_annotations, flip_annotations,
-                                         gt_loss, image_features)
+    from ovseg.train.methods.xpm import (TrainConfig, base_annotations, fit_network, flip_annotations,
+                                         image_features, loss_summary, teacher_image_loss)
 
     def stage(text):
         log.info(text)
@@ -163,14 +163,14 @@ def retrain(cfg: RetrainConfig, progress: bool = True, db_dir=None, on_stage=Non
     stage("xpm: training the student")
     tcfg = TrainConfig(coco_dir=str(root), out="", batch_images=cfg.batch_images, seed=cfg.seed,
                        long_side=cfg.long_side)
-    gen = torch.Generator().manual_seed(cfg.seed)
 
-    def step(key, flip):
+    def fetch(key, flip):
         d = data[key]
-        pyr = student.pyramid(as_float(d["feats"][flip]))
-        return gt_loss(student, pyr, d["gt"][flip], vectors, tcfg, d["input_hw"], gen)
+        return {"feats": d["feats"][flip], "gt": d["gt"][flip], "input_hw": d["input_hw"], "pseudo": None}
 
-    history = fit_network(student, list(data), step, cfg.epochs, cfg.lr, tcfg, "retrain xpm student", progress)
+    # L_GT on the curated and base-class masks (the curated words join the classification vocabulary)
+    record = fit_network(student, list(data), fetch, teacher_image_loss(vectors, tcfg), epochs=cfg.epochs,
+                         lr=cfg.lr, cfg=tcfg, desc="retrain xpm student", progress=progress, item_seed=cfg.seed)
     train_seconds = time.perf_counter() - t_start
 
     version = next_version(METHOD)
@@ -183,9 +183,7 @@ def retrain(cfg: RetrainConfig, progress: bool = True, db_dir=None, on_stage=Non
                     "new_words": [w for w in words if w not in BASE_CLASSES]},
         "base": {"images": 0 if cfg.curated_only else len(train_ids),
                  "instances": int(sum(len(d["gt"][0]["labels"]) for d in data.values())) - len(kept)},
-        "losses": {k: {"first": round(float(np.mean([h[k] for h in history[:max(1, len(history) // 10)]])), 4),
-                       "last": round(float(np.mean([h[k] for h in history[-max(1, len(history) // 10):]])), 4)}
-                   for k in (history[0] if history else {})},
+        "losses": loss_summary(record["epochs"]),
         "seconds": {"training": round(train_seconds, 1)},
     }
     stage("xpm: saving the new version")

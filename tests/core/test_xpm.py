@@ -169,18 +169,27 @@ def test_alignment_picks_each_nouns_best_scoring_proposal(monkeypatch):
     monkeypatch.setattr(net, "embed", lambda pyr, b: emb[: len(b)])
     feats = {"c3": torch.zeros(1, 40, 4, 4).half(), "c4": torch.zeros(1, 112, 2, 2).half(),
              "c5": torch.zeros(1, 320, 1, 1).half()}
-    data = {7: {"feats": [feats, feats], "input_hw": (32, 32), "nouns": ["dog", "kite", "zebra"]}}
+
+    class Store:  # what pseudo_label reads of a training image
+        def features(self, image_id, flip):
+            assert image_id == 7 and not flip
+            return feats
+
+        def input_hw(self, image_id):
+            return (32, 32)
+
     vocab = ["dog", "kite", "zebra"]
     vectors = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7]])
     cfg = train_xpm.TrainConfig(coco_dir="-", out="-")
-    n = train_xpm.pseudo_label(net, data, [7], vocab, vectors, cfg, progress=False)
-    p = data[7]["pseudo"][0]
+    pseudo, n = train_xpm.pseudo_label(net, Store(), {7: ["dog", "kite", "zebra"]}, [7], vocab, vectors, cfg,
+                                       progress=False)
+    p = pseudo[7][0]
     assert n == 3 and p["nouns"].tolist() == [0, 1, 2]
     assert torch.equal(p["boxes"], boxes[[0, 1, 2]])  # dog -> box 0, kite -> box 1, zebra -> box 2 (0.84)
     assert torch.allclose(p["scores"], torch.tensor([1.0, 0.9, 0.84]))
     assert p["masks"].shape == (3, 28, 28) and p["masks"].dtype == torch.bool
     # the mirrored copy: boxes mirrored, masks flipped
-    flipped = data[7]["pseudo"][1]
+    flipped = pseudo[7][1]
     assert torch.equal(flipped["boxes"][0], torch.tensor([16.0, 0.0, 32.0, 16.0]))
     assert torch.equal(flipped["masks"], p["masks"].flip(-1))
 

@@ -113,10 +113,10 @@ def test_trainers_not_on_the_scalable_loop_refuse_torchrun(monkeypatch, tmp_path
     from ovseg.app.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", "xpm", "--out", str(tmp_path / "xpm")]) == 2
+    assert main(["train", "cap2seg", "--out", str(tmp_path / "cap2seg")]) == 2
     err = capsys.readouterr().err
-    assert "`ovseg train xpm` does not run under torchrun yet" in err and "cls_saliency, ovsegmentor" in err
-    assert not (tmp_path / "xpm").exists()
+    assert "`ovseg train cap2seg` does not run under torchrun yet" in err and "cls_saliency, ovsegmentor, xpm" in err
+    assert not (tmp_path / "cap2seg").exists()
 
 
 # ---------------------------------------------------------------------------------- cls_saliency runs

@@ -179,8 +179,10 @@ def pseudo_mask_quality(student: XPMNet, dataset: CocoConceptDataset, ids: list[
     return out
 
 
-def evaluate_networks(nets: dict, dataset: CocoConceptDataset, train_ids: list[int], held_ids: list[int],
-                      data: dict, vocab: list[str], eta: float, models, long_side: int, progress: bool) -> dict:
+def evaluate_networks(nets: dict, dataset: CocoConceptDataset, train_view, held_ids: list[int],
+                      vocab: list[str], eta: float, models, long_side: int, progress: bool) -> dict:
+    """Held-out instance mAP@0.5 of every network and the reliability study. `train_view`: the pseudo-labelled
+    training images, a mapping id -> {"feats" (float), "input_hw", "nouns", "pseudo"} (`train.methods.xpm.TrainView`)."""
     from tqdm import tqdm
 
     from ovseg.core.models.backbone import input_size
@@ -196,7 +198,6 @@ def evaluate_networks(nets: dict, dataset: CocoConceptDataset, train_ids: list[i
     for name, net in nets.items():
         out["instance_map50"][name] = instance_map(net, dataset, held_ids, held, models)
     student = nets["student"]
-    train_view = {i: {**data[i], "feats": as_float(data[i]["feats"][0])} for i in train_ids if data[i].get("pseudo")}
     training = pseudo_mask_quality(student, dataset, sorted(train_view), train_view, eta, True, vocab=vocab)
     held_out = pseudo_mask_quality(student, dataset, held_ids, held, eta, False, embed_words=models.embed_words)
     out["reliability"] = {

@@ -107,6 +107,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_objects(obj) -> list:
+    """Every process's picklable `obj`, in rank order ([obj] with one process). CPU tensors only inside."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 class _GatherRows(torch.autograd.Function):
     """all_gather forward; backward: each process's rows get the sum over processes of their gradients."""
 
