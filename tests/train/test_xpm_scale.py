@@ -103,7 +103,9 @@ def uninterrupted(env, tmp_path_factory):
 def test_xpm_on_two_gloo_processes_trains_the_networks_of_one(env, uninterrupted, tmp_path):
     """Batches of 4 images, 2 on each process. The pseudo labels, eta and the reliability scale are computed
     in shards and gathered. What is left between the runs is float rounding (sums in another order), which
-    AdamW's first steps amplify up to about a learning rate per step where a gradient is near zero."""
+    AdamW's first steps amplify up to about a learning rate per step where a gradient is near zero. Measured:
+    the weights (saved in float16) 3e-5 (teacher), 6e-4 (robust student) and 8e-4 (plain student) apart, eta
+    and the first and last epoch losses equal to 1e-3."""
     out = tmp_path / "xpm2"
     _train(["--out", str(out)], env, torchrun=2)
     one, two = _summary(uninterrupted), _summary(out)
@@ -118,7 +120,7 @@ def test_xpm_on_two_gloo_processes_trains_the_networks_of_one(env, uninterrupted
         a, b = _weights(uninterrupted, network), _weights(out, network)
         assert a.keys() == b.keys()
         worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
-        assert worst < 1e-2, (network, worst)  # the learning rates are 1e-3 and 5e-4, over 4 steps a stage
+        assert worst < 5e-3, (network, worst)  # the learning rates are 1e-3 and 5e-4, over 4 steps a stage
 
 
 @pytest.mark.slow
