@@ -15,16 +15,24 @@ on the training images of a COCO folder (DESIGN.md's split: base-class annotatio
    maps of the image at two input sizes), trained on base-class masks.
 Stand-ins: EfficientNet-Lite0 (frozen) for ResNet-50, coco_dev's ~370 training images for Stock-18K, OIVG-750
 and COCO-80, and the project's segmenter (ASPP head + low-level branch) for the Inception-V2 streams.
+
+Scale: the backbone features go through the on-disk feature cache and a bounded memory layer (`FeatureStore`;
+under torchrun each process computes every N-th image's); stage 2 (and its cross-fitted copies) and stage 3 run
+on the scalable loop (`ovseg.train.scale.loop`): one CPU, a GPU or N processes, each taking its share of every
+global batch, resumable from `<out>.resume/<network>.pt`. Stage 1 is a small fit on pooled vectors that every
+process runs whole (the same network everywhere). Rank 0 chooses theta and the thresholds and writes.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import hashlib
 import json
 import logging
 import random
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -35,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.core.models.backbone import input_size, preprocess
-from ovseg.core.cache import atomic_write_json, replaced_folder
+from ovseg.core.cache import atomic_write_json, cache_dir, replaced_folder
 from ovseg.core.models.caption_nouns import object_nouns
 from ovseg.core.methods.concept_mask.attention import AttentionNet
 from ovseg.core.methods.concept_mask.losses import (C_MATCH, N_TOP, box_loss, gamma_weights, matching_loss,
@@ -51,6 +59,11 @@ from ovseg.train.coco import (HOLDOUT_FRACTION, SPLIT_SEED, BASE_CLASSES, CocoCo
                               assert_no_target_annotations, base_training_pairs, fraction_of, split_image_ids, training_mask)
 from ovseg.train.segmenter_fit import fit_segmenter, loss_summary, resized_target, training_sample
 from ovseg.train.registry import register_trainer
+from ovseg.train.scale import dist
+from ovseg.train.scale.cli import add_scale_arguments
+from ovseg.train.scale.dist import Context, all_reduce_sum
+from ovseg.train.scale.features import FeatureCache, MemoryCache, module_fingerprint
+from ovseg.train.scale.loop import LoopConfig, fit
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +108,15 @@ class TrainConfig:
     ablation: bool = True  # also train the noSD attention, keep the stage-1 network, train the single-scale segmenter
     max_images: int | None = None
     fraction: float = 1.0  # the data-scaling study: this share of the training images (nested shares)
+    # the scalable loop (`ovseg.train.scale`)
+    device: str = "auto"
+    amp: str = "auto"
+    workers: int = 0
+    feature_cache: bool = True  # backbone features on disk (~/.cache/ovseg/features), read per sample
+    memory_cache_mb: int = 2048  # per process, over the disk cache
+    checkpoint_every: int = 20  # steps between training-state checkpoints (<out>.resume/)
+    resume: bool = False
+    calibrate: bool = True  # concept verification's calibration on the held-out base classes (verification.json)
 
     def __post_init__(self):
         self.scales = tuple(int(s) for s in self.scales)
@@ -205,56 +227,113 @@ def train_embedding(pooled: torch.Tensor, topics: torch.Tensor, cfg: TrainConfig
 
 # -------------------------------------------------------------------------------------------- stage 2
 
-def train_refinement(att: AttentionNet, original: AttentionNet, samples: list[dict], gamma: torch.Tensor,
-                     box_concepts: list[int], cfg: TrainConfig, spatial: bool, progress: bool) -> list[float]:
-    """Stage 2 (sec. 4.2): refinement from scratch, and embedding fine-tuning when cfg.finetune_embedding (BN
-    statistics frozen: they were estimated on pooled features). Each sample: {"head": (C, h, w), "boxes": {concept index: (h, w) G}}.
-    Loss per sample: box loss over its box concepts + c * N_sel * matching loss (eq. 2: the paper sums the
-    matching term over the N selected maps; ours is a mean) [+ spatial discrimination loss]. -> losses"""
-    from tqdm import tqdm
+class _Refining(torch.nn.Module):
+    """The attention network as stage 2 trains it: the embedding's batch-norm statistics stay frozen (they were
+    estimated on pooled features) whatever mode the loop sets."""
 
-    rng = random.Random(cfg.seed)
+    def __init__(self, att: AttentionNet):
+        super().__init__()
+        self.att = att
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.att.embed.eval()
+        return self
+
+
+class _KeySource:
+    """Stage 2's samples as the scalable loop reads them: item(index, epoch) -> (key, sample)."""
+
+    def __init__(self, keys: list, read):
+        self.keys, self.read = keys, read
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def item(self, index: int, epoch: int):
+        return self.read(self.keys[index])
+
+
+def refinement_plan(n: int, epochs: int, batch_size: int, seed: int) -> list[list[list[int]]]:
+    """Every epoch's batches of sample indices, in the order stage 2 has always drawn them: a shuffle per epoch
+    from random.Random(seed), batches of `batch_size`, the last one smaller. The same plan in every process."""
+    if n == 0:
+        raise ValueError("stage 2 has no training sample: no training image has a base-class box")
+    rng = random.Random(seed)
+    plan = []
+    for _ in range(epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        plan.append([order[b : b + batch_size] for b in range(0, n, batch_size)])
+    return plan
+
+
+def _refinement_step(ctx: Context, original: AttentionNet, gamma: torch.Tensor, box_concepts: list[int],
+                     cfg: TrainConfig, spatial: bool):
+    """The loss of a process's share of a batch: the sum of its samples' losses over the global batch's size
+    (one process: the batch mean, as stage 2 has always had it)."""
+    n_sel = min(cfg.match_top_n, original.dims["vocab"])
+    gamma = gamma.to(ctx.device)
+
+    def step(model, batch, epoch):
+        att, dev = model.att, ctx.device
+        losses = []
+        for s in batch:
+            head = s["head"].to(dev).float()[None]
+            with torch.no_grad():
+                coarse0 = normalise_maps(original.coarse(original.dense(head)))
+            logits = att.refined_logits(att.coarse(att.dense(head)))
+            ids = list(s["boxes"])
+            g = torch.stack([s["boxes"][k] for k in ids]).to(dev)
+            loss = box_loss(logits[0, ids], g)
+            loss = loss + cfg.match_c * n_sel * matching_loss(logits, coarse0, cfg.match_top_n)
+            if spatial:
+                gt = torch.zeros_like(logits)
+                gt[0, ids] = g
+                present = torch.zeros(logits.shape[:2], dtype=torch.bool, device=dev)
+                present[0, ids] = True
+                loss = loss + spatial_discrimination_loss(logits, gt, present, gamma)
+            losses.append(loss)
+        count = torch.tensor([float(len(batch))], device=dev)
+        if ctx.distributed:
+            count = all_reduce_sum(count)
+        if losses:
+            total = torch.stack(losses).sum() / count[0]
+        else:  # an empty share: a zero loss that still reaches the parameters (their gradients are summed)
+            total = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+        logged = total.detach().reshape(1).clone()
+        if ctx.distributed:
+            logged = all_reduce_sum(logged)
+        return total, {"total": float(logged[0])}
+
+    return step
+
+
+def train_refinement(att: AttentionNet, original: AttentionNet, keys: list, read, gamma: torch.Tensor,
+                     box_concepts: list[int], cfg: TrainConfig, spatial: bool, progress: bool,
+                     ctx: Context | None = None, checkpoint: str | None = None) -> list[float]:
+    """Stage 2 (sec. 4.2): refinement from scratch, and embedding fine-tuning when cfg.finetune_embedding (BN
+    statistics frozen: they were estimated on pooled features). `read(key)` gives a sample {"head": (C, h, w),
+    "boxes": {concept index: (h, w) G}}. Loss per sample: box loss over its box concepts + c * N_sel * matching
+    loss (eq. 2: the paper sums the matching term over the N selected maps; ours is a mean) [+ spatial
+    discrimination loss]; a batch's loss is its samples' mean. On the scalable loop (`ovseg.train.scale.loop`):
+    batches of `refinement_plan`, each process its share, `checkpoint` and cfg.resume as in LoopConfig.
+    -> the global batch loss per step"""
+    ctx = ctx or Context()
+    att.to(ctx.device)
+    original.to(ctx.device).eval()
+    dist.broadcast_state(original)  # stage 1 ran in every process: rank 0's network everywhere
     params = (list(att.embed.parameters()) if cfg.finetune_embedding else []) + list(att.refine.parameters())
     att.embed.requires_grad_(cfg.finetune_embedding)
     opt = torch.optim.AdamW(params, lr=cfg.refine_lr, weight_decay=cfg.weight_decay)
-    n_sel = min(cfg.match_top_n, att.dims["vocab"])
-    att.train()
-    att.embed.eval()  # frozen BN statistics; weights still train
-    original.eval()
-    losses = []
-    steps = cfg.refine_epochs * ((len(samples) + cfg.refine_batch - 1) // cfg.refine_batch)
-    bar = tqdm(total=steps, desc="stage 2: refinement" + ("" if spatial else " (no SD)"), unit="step",
-               disable=not progress)
-    for _ in range(cfg.refine_epochs):
-        order = samples[:]
-        rng.shuffle(order)
-        for b in range(0, len(order), cfg.refine_batch):
-            total = 0.0
-            opt.zero_grad()
-            batch = order[b : b + cfg.refine_batch]
-            for s in batch:
-                head = s["head"].float()[None]
-                with torch.no_grad():
-                    coarse0 = normalise_maps(original.coarse(original.dense(head)))
-                logits = att.refined_logits(att.coarse(att.dense(head)))
-                ids = list(s["boxes"])
-                g = torch.stack([s["boxes"][k] for k in ids])
-                loss = box_loss(logits[0, ids], g)
-                loss = loss + cfg.match_c * n_sel * matching_loss(logits, coarse0, cfg.match_top_n)
-                if spatial:
-                    gt = torch.zeros_like(logits)
-                    gt[0, ids] = g
-                    present = torch.zeros(logits.shape[:2], dtype=torch.bool)
-                    present[0, ids] = True
-                    loss = loss + spatial_discrimination_loss(logits, gt, present, gamma)
-                (loss / len(batch)).backward()
-                total += loss.item() / len(batch)
-            opt.step()
-            losses.append(total)
-            bar.update(1)
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    bar.close()
-    return losses
+    plan = refinement_plan(len(keys), cfg.refine_epochs, cfg.refine_batch, cfg.seed)
+    loop = LoopConfig(epochs=cfg.refine_epochs, batch_size=cfg.refine_batch, seed=cfg.seed, workers=cfg.workers,
+                      amp=cfg.amp, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                      desc="stage 2: refinement" + ("" if spatial else " (no SD)"), progress=progress and ctx.main)
+    record = fit(_Refining(att), opt, None, _KeySource(keys, read),
+                 _refinement_step(ctx, original, gamma, box_concepts, cfg, spatial), loop, ctx,
+                 collate=list, plan=lambda epoch: plan[epoch])
+    return record["step_totals"]
 
 
 def choose_theta(att: AttentionNet, tags: TagEmbedding, refined: list[str], held: list[dict], grid) -> dict:
@@ -344,12 +423,12 @@ class Corpus:
     dataset: CocoConceptDataset
     train_ids: list[int]
     held_ids: list[int]
-    feats: dict[int, dict]  # image id -> {"hw", "scales": {long side: (head, mirrored head)}, "tags" (training)}
+    feats: FeatureStore  # image id -> {"hw", "scales": {long side: (head, mirrored head)}, "tags" (training)}
     tags: TagEmbedding
     tag_summary: dict
     refined: list[str]  # the base classes in the vocabulary: the concepts refinement learns from boxes
     pooled: dict[int, list]  # stage 1: image id -> [(pooled features, soft topic)] per scale and mirror
-    samples: dict[int, list]  # stage 2: image id -> [{"head", "boxes"}] per scale and mirror
+    samples: dict[int, list]  # stage 2: image id -> [(image id, scale, mirror)] (`stage2_sample` reads one)
     overlap: np.ndarray  # O(i, j) of the base-class masks
     gamma: torch.Tensor  # eq. 4's weights
 
@@ -366,22 +445,79 @@ def split(cfg: TrainConfig, dataset: CocoConceptDataset) -> tuple[list[int], lis
     return train_ids, held_ids
 
 
-def extract_features(dataset, train_ids, held_ids, cfg: TrainConfig, models: Models, progress: bool) -> dict:
-    """Backbone features of every image at each attention scale, and the training images' tags."""
+class FeatureStore:
+    """image id -> {"hw", "scales": {long side: (head, mirrored head)}, "tags" (training images)}, the heads
+    (float16, CPU) read per call through the on-disk `FeatureCache` (keyed by the backbone's weights, the long
+    side and the image's bytes) and a bounded memory layer, so a large dataset streams. `info`: each image's
+    size and tags (small, held). The backbone loads lazily in each process (DataLoader workers included)."""
+
+    def __init__(self, dataset: CocoConceptDataset, scales: tuple[int, ...], info: dict[int, dict],
+                 feature_cache: bool = True, memory_cache_mb: int = 2048, models: Models | None = None):
+        self.dataset, self.scales, self.info = dataset, tuple(scales), info
+        self.cache = FeatureCache(cache_dir() / "features" if feature_cache else None, "concept_mask")
+        self._models = models
+        self._memory = MemoryCache(memory_cache_mb)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_models": None}
+
+    @property
+    def models(self) -> Models:
+        if self._models is None:
+            self._models = Models("cpu")
+        return self._models
+
+    def __contains__(self, image_id) -> bool:
+        return image_id in self.info
+
+    def heads(self, image_id: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        def compute(rgb=None):
+            rgb = self.dataset.load_rgb(image_id) if rgb is None else rgb
+            out = {}
+            for s in self.scales:
+                plain, mirror = _scaled_features(self.models, rgb, s)
+                out[f"{s}"], out[f"{s}_mirror"] = plain.numpy(), mirror.numpy()
+            return out
+
+        def cached():
+            fingerprint = hashlib.sha1(self.dataset.image_path(image_id).read_bytes()).hexdigest()
+            parts = ("concept_mask", module_fingerprint(self.models.backbone), self.scales, fingerprint)
+            arrays = self.cache.get(parts, compute)
+            return {s: (torch.from_numpy(arrays[f"{s}"]), torch.from_numpy(arrays[f"{s}_mirror"]))
+                    for s in self.scales}
+
+        return self._memory.get(image_id, cached)
+
+    def __getitem__(self, image_id: int) -> dict:
+        return {**self.info[image_id], "scales": self.heads(image_id)}
+
+
+def extract_features(dataset, train_ids, held_ids, cfg: TrainConfig, models: Models, progress: bool,
+                     ctx: Context | None = None) -> FeatureStore:
+    """Each image's size and (training images) tags, and its backbone features at each attention scale into the
+    store's caches: under torchrun each process does every N-th image and the sizes and tags are gathered."""
     from tqdm import tqdm
 
-    feats: dict[int, dict] = {}
+    ctx = ctx or Context()
+    store = FeatureStore(dataset, cfg.scales, {}, cfg.feature_cache, cfg.memory_cache_mb, models)
     training = set(train_ids)
-    for image_id in tqdm(train_ids + held_ids, desc="features", unit="img", disable=not progress):
+    mine = (train_ids + held_ids)[ctx.rank :: ctx.world]
+    info: dict[int, dict] = {}
+    for image_id in tqdm(mine, desc="features", unit="img", disable=not progress):
         rgb = dataset.load_rgb(image_id)
-        entry = {"hw": rgb.shape[:2], "scales": {s: _scaled_features(models, rgb, s) for s in cfg.scales}}
+        entry = {"hw": tuple(rgb.shape[:2])}
+        if cfg.feature_cache or ctx.world == 1:
+            store.info[image_id] = entry
+            store.heads(image_id)  # computed once here (from this decoded image's file), then read
         if image_id in training:
             x = preprocess(rgb, input_size(rgb.shape[0], rgb.shape[1], cfg.seg_long_side), models.device)
             with torch.no_grad():
                 probs = torch.softmax(models.backbone(x).logits[0].float(), 0)
             entry["tags"] = image_tags(dataset, image_id, probs, cfg.pseudo_tag_prob)
-        feats[image_id] = entry
-    return feats
+        info[image_id] = entry
+    for part in dist.gather_objects(info):
+        store.info.update(part)
+    return store
 
 
 def stage1_inputs(feats: dict, train_ids: list[int], tags: TagEmbedding) -> dict[int, list]:
@@ -396,24 +532,17 @@ def stage1_inputs(feats: dict, train_ids: list[int], tags: TagEmbedding) -> dict
     return pooled
 
 
-def stage2_inputs(dataset, feats: dict, train_ids: list[int], tags: TagEmbedding) -> tuple[dict[int, list], np.ndarray]:
-    """Every (training image, scale, mirror) with a base-class box, as box grids per concept, and the overlap
-    ratio O(i, j) of the base-class masks (at 1/4 size)."""
+def stage2_inputs(dataset, feats: FeatureStore, train_ids: list[int], tags: TagEmbedding
+                  ) -> tuple[dict[int, list], np.ndarray]:
+    """The stage-2 samples: every (training image, scale, mirror) with a base-class box, as keys that
+    `stage2_sample` reads, and the overlap ratio O(i, j) of the base-class masks (at 1/4 size)."""
     samples: dict[int, list] = {}
     masks_small = []
     for image_id in train_ids:
         boxes = base_boxes(dataset, image_id)
         if not boxes:
             continue
-        hw = feats[image_id]["hw"]
-        samples[image_id] = []
-        for pair in feats[image_id]["scales"].values():
-            for mirror, head in enumerate(pair):
-                grid = tuple(head.shape[-2:])
-                g = {tags.index[n]: box_grid(b, hw, grid) for n, b in boxes.items() if n in tags.index}
-                if mirror:
-                    g = {k: v.flip(-1) for k, v in g.items()}
-                samples[image_id].append({"head": head, "boxes": g})
+        samples[image_id] = [(image_id, s, mirror) for s in feats.scales for mirror in (0, 1)]
         small = {}
         for name in boxes:
             if name in tags.index:
@@ -424,12 +553,27 @@ def stage2_inputs(dataset, feats: dict, train_ids: list[int], tags: TagEmbedding
     return samples, overlap_ratio(masks_small, len(tags.vocab))
 
 
-def build_corpus(cfg: TrainConfig, models: Models, progress: bool) -> tuple[Corpus, float]:
+def stage2_sample(corpus: "Corpus", key: tuple[int, int, int]) -> dict:
+    """One stage-2 sample: {"head": (C, h, w) float16, "boxes": {concept index: (h, w) box grid G}}, the grids
+    mirrored with a mirrored head."""
+    image_id, scale, mirror = key
+    head = corpus.feats.heads(image_id)[scale][mirror]
+    grid = tuple(head.shape[-2:])
+    hw = corpus.feats.info[image_id]["hw"]
+    g = {corpus.tags.index[n]: box_grid(b, hw, grid) for n, b in base_boxes(corpus.dataset, image_id).items()
+         if n in corpus.tags.index}
+    if mirror:
+        g = {k: v.flip(-1) for k, v in g.items()}
+    return {"head": head, "boxes": g}
+
+
+def build_corpus(cfg: TrainConfig, models: Models, progress: bool, ctx: Context | None = None
+                 ) -> tuple[Corpus, float]:
     """The split, the features, the tag embedding and the stage inputs. -> (corpus, seconds of features)"""
     dataset = CocoConceptDataset(cfg.coco_dir)
     train_ids, held_ids = split(cfg, dataset)
     t0 = time.perf_counter()
-    feats = extract_features(dataset, train_ids, held_ids, cfg, models, progress)
+    feats = extract_features(dataset, train_ids, held_ids, cfg, models, progress, ctx)
     feature_seconds = time.perf_counter() - t0
     tags, tag_summary = build_tag_embedding([feats[i]["tags"] for i in train_ids], cfg, models)
     samples, overlap = stage2_inputs(dataset, feats, train_ids, tags)
@@ -441,8 +585,10 @@ def build_corpus(cfg: TrainConfig, models: Models, progress: bool) -> tuple[Corp
 
 
 def fit_attention(corpus: Corpus, cfg: TrainConfig, ids: list[int], variants: list[tuple[str, bool]],
-                  progress: bool) -> tuple[AttentionNet, dict[str, AttentionNet], dict[str, list[float]]]:
-    """Stages 1 and 2 on the images `ids`; `variants`: [(name, spatial discrimination loss on?)].
+                  progress: bool, ctx: Context | None = None, stage: str = ""
+                  ) -> tuple[AttentionNet, dict[str, AttentionNet], dict[str, list[float]]]:
+    """Stages 1 and 2 on the images `ids`; `variants`: [(name, spatial discrimination loss on?)]; each variant's
+    training state in <out>.resume/<stage><name>.pt. Every process runs stage 1 whole and its share of stage 2.
     -> (stage-1 network, {variant: refined network}, {"stage1" and each variant: losses})"""
     ids = set(ids)
     data = [x for i in sorted(ids & set(corpus.pooled)) for x in corpus.pooled[i]]
@@ -458,8 +604,9 @@ def fit_attention(corpus: Corpus, cfg: TrainConfig, ids: list[int], variants: li
         torch.manual_seed(cfg.seed)
         att = copy.deepcopy(original)
         att.refine = type(att.refine)(len(corpus.tags.vocab), cfg.refine_bottleneck)
-        losses[name] = train_refinement(att, original, subset, corpus.gamma, corpus.refined_idx, cfg, spatial,
-                                        progress)
+        losses[name] = train_refinement(att, original, subset, functools.partial(stage2_sample, corpus), corpus.gamma,
+                                        corpus.refined_idx, cfg, spatial, progress, ctx,
+                                        _stage_checkpoint(cfg, f"{stage}{name}"))
         nets[name] = att.eval()
     return original, nets, losses
 
@@ -476,7 +623,8 @@ def held_out_samples(corpus: Corpus, scale: int) -> list[dict]:
     return held
 
 
-def cross_fitted_networks(corpus: Corpus, cfg: TrainConfig, att: AttentionNet, pairs) -> dict[int, AttentionNet]:
+def cross_fitted_networks(corpus: Corpus, cfg: TrainConfig, att: AttentionNet, pairs, ctx: Context | None = None
+                          ) -> dict[int, AttentionNet]:
     """The attention network whose maps each training image's segmenter pairs get. The main network has seen
     every training image's boxes, so its maps there are better than on new images, and a segmenter trained on
     them learns to trust them too much. Cross-fitting: each image gets the maps of a network trained on the
@@ -485,26 +633,33 @@ def cross_fitted_networks(corpus: Corpus, cfg: TrainConfig, att: AttentionNet, p
     if cfg.cross_fit and len(corpus.train_ids) >= 4:
         order = np.random.default_rng(cfg.seed).permutation(sorted(corpus.train_ids))
         halves = [set(order[: len(order) // 2].tolist()), set(order[len(order) // 2 :].tolist())]
-        for half in halves:
+        for k, half in enumerate(halves):
             other = sorted(set(corpus.train_ids) - half)
-            net = fit_attention(corpus, cfg, other, [("attention", True)], progress=False)[1]["attention"]
+            net = fit_attention(corpus, cfg, other, [("attention", True)], progress=False, ctx=ctx,
+                                stage=f"cross_fit{k + 1}_")[1]["attention"]
             net_for.update({i: net for i in half})
     return net_for
 
 
-def attention_priors(corpus: Corpus, cfg: TrainConfig, net_for: dict[int, AttentionNet], pairs) -> dict:
-    """(image id, class) -> the class's normalised refined attention map at each scale."""
+def attention_priors(corpus: Corpus, cfg: TrainConfig, net_for: dict[int, AttentionNet], pairs,
+                     ctx: Context | None = None) -> dict:
+    """(image id, class) -> the class's normalised refined attention map at each scale (CPU). Under torchrun
+    each process computes every N-th image's and every process gets them all."""
+    ctx = ctx or Context()
     att_maps: dict[tuple, list[torch.Tensor]] = {}
     names_of: dict[int, list[str]] = {}
     for image_id, name in pairs:
         names_of.setdefault(image_id, []).append(name)
     with torch.no_grad():
-        for image_id, names in names_of.items():
-            per_scale = [net_for[image_id].maps(corpus.feats[image_id]["scales"][s][0][None])["refined"][0]
+        for image_id, names in list(names_of.items())[ctx.rank :: ctx.world]:
+            heads = corpus.feats.heads(image_id)
+            per_scale = [net_for[image_id].maps(heads[s][0][None].to(ctx.device))["refined"][0].cpu()
                          for s in cfg.scales]
             for name in names:
                 att_maps[(image_id, name)] = [normalise_maps(r[corpus.tags.index[name]]) for r in per_scale]
-    return att_maps
+    if ctx.world == 1:
+        return att_maps
+    return {k: v for part in dist.gather_objects(att_maps) for k, v in part.items()}
 
 
 class SegmenterSamples:
@@ -515,7 +670,7 @@ class SegmenterSamples:
         self.corpus, self.cfg, self.att_maps = corpus, cfg, att_maps
         self.targets: dict = {}
 
-    def __call__(self, pair, flip: bool, channels: int):
+    def __call__(self, pair, flip: bool, channels: int = 2):
         image_id, name = pair
         cfg, dataset = self.cfg, self.corpus.dataset
         rgb = dataset.load_rgb(image_id)
@@ -526,56 +681,83 @@ class SegmenterSamples:
         return training_sample(x, maps, self.targets[pair].long(), cfg.train_size, flip)
 
 
-def fit_segmenters(cfg: TrainConfig, pairs, samples: SegmenterSamples, progress: bool) -> dict:
-    """Stage 3: the two-scale segmenter (and the single-scale one for the ablation). -> {folder: (model,
-    config, losses)}"""
+def fit_segmenters(cfg: TrainConfig, pairs, samples: SegmenterSamples, progress: bool,
+                   ctx: Context | None = None) -> dict:
+    """Stage 3: the two-scale segmenter (and the single-scale one for the ablation), on the scalable loop
+    (training states in <out>.resume/<folder>.pt). -> {folder: (model, config, losses, loop seconds)}"""
     segs = {}
     for folder, channels in [("segmenter", 2)] + ([("segmenter_single", 1)] if cfg.ablation else []):
         seg_cfg = SegmenterConfig(in_channels=3 + channels, priors_to_head=cfg.priors_to_head)
-        model, losses, _ = fit_segmenter(
-            seg_cfg, pairs, lambda p, f, c=channels: samples(p, f, c), epochs=cfg.seg_epochs,
+        model, losses, seconds = fit_segmenter(
+            seg_cfg, pairs, functools.partial(samples, channels=channels), epochs=cfg.seg_epochs,
             batch_size=cfg.seg_batch, lr=cfg.seg_lr, weight_decay=cfg.weight_decay, seed=cfg.seed,
-            rng=random.Random(cfg.seed), progress=progress, desc=f"stage 3: {folder}")
-        segs[folder] = (model, seg_cfg, losses)
+            rng=random.Random(cfg.seed), progress=progress, desc=f"stage 3: {folder}", ctx=ctx,
+            workers=cfg.workers, amp=cfg.amp, checkpoint=_stage_checkpoint(cfg, folder),
+            checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
+        segs[folder] = (model.cpu(), seg_cfg, losses, seconds)
     return segs
 
 
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
-    """All stages; writes the model folder described in `ovseg.core.methods.concept_mask.attention`."""
+def _stage_checkpoint(cfg: TrainConfig, stage: str) -> str:
+    return str(Path(f"{cfg.out}.resume") / f"{stage}.pt")
+
+
+def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
+    """All stages; writes the model folder described in `ovseg.core.methods.concept_mask.attention`. Under
+    torchrun every process trains its share and rank 0 alone chooses the thresholds and writes (the others
+    return None)."""
+    ctx = dist.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, progress and ctx.main)
+    finally:
+        dist.teardown()
+
+
+def _train(cfg: TrainConfig, ctx: Context, progress: bool) -> Path | None:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    models = Models("cpu")
+    resume_dir = Path(f"{cfg.out}.resume")
+    if not cfg.resume and ctx.main and resume_dir.exists():
+        shutil.rmtree(resume_dir)  # a fresh run: an older interrupted run's states are not this run's
+    dist.barrier()
+    models = Models(ctx.device)
     seconds: dict[str, float] = {}
 
     # 0. features, tags, PMI vectors and the stage inputs
-    corpus, seconds["features"] = build_corpus(cfg, models, progress)
+    corpus, seconds["features"] = build_corpus(cfg, models, progress, ctx)
     tags, dataset = corpus.tags, corpus.dataset
 
     # 1-2. embedding network and refinement (and the no-SD refinement for the ablation)
     t0 = time.perf_counter()
     variants = [("attention", True)] + ([("attention_nosd", False)] if cfg.ablation else [])
-    original, trained, refine_losses = fit_attention(corpus, cfg, corpus.train_ids, variants, progress)
+    original, trained, refine_losses = fit_attention(corpus, cfg, corpus.train_ids, variants, progress, ctx)
     embed_losses = refine_losses.pop("stage1")
     seconds["stages1-2"] = time.perf_counter() - t0
 
-    # theta (sec. 4.4) and the presence threshold, on held-out base classes
+    # 3. the segmenter on base-class pairs, attention of cross-fitted networks at both scales
     att = trained["attention"]
+    t0 = time.perf_counter()
+    pairs = [(i, n) for i, n in base_training_pairs(dataset, corpus.train_ids) if n in tags.index]
+    net_for = cross_fitted_networks(corpus, cfg, att, pairs, ctx)
+    seconds["cross_fit"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    segs = fit_segmenters(cfg, pairs, SegmenterSamples(corpus, cfg, attention_priors(corpus, cfg, net_for, pairs, ctx)),
+                          progress, ctx)
+    if not ctx.main:
+        return None
+    original, att = original.cpu(), att.cpu()
+    trained = {k: v.cpu() for k, v in trained.items()}
+
+    # theta (sec. 4.4), the presence threshold and the mask thresholds, on held-out base classes
     held = held_out_samples(corpus, cfg.scales[1])
     theta = choose_theta(att, tags, corpus.refined, held, cfg.theta_grid)
     presence = choose_presence_threshold(att, tags, held, corpus.refined)
-
-    # 3. the segmenter on base-class pairs, attention of cross-fitted networks at both scales
-    t0 = time.perf_counter()
-    pairs = [(i, n) for i, n in base_training_pairs(dataset, corpus.train_ids) if n in tags.index]
-    net_for = cross_fitted_networks(corpus, cfg, att, pairs)
-    seconds["cross_fit"] = time.perf_counter() - t0
-    segs = fit_segmenters(cfg, pairs, SegmenterSamples(corpus, cfg, attention_priors(corpus, cfg, net_for, pairs)),
-                          progress)
     mask_thresholds = {folder: choose_mask_threshold(model, att, dataset, corpus.held_ids, corpus.feats, tags, cfg,
                                                      channels)
-                       for (folder, (model, _, _)), channels in zip(segs.items(), (2, 1))}
+                       for (folder, (model, *_)), channels in zip(segs.items(), (2, 1))}
     seconds["stage3"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
+    stage3_seconds = sum(v[3] for v in segs.values())
 
     out = _save(cfg, tags, original, trained, segs, corpus.refined, theta, presence, mask_thresholds, {
         "data": {"coco_dir": str(Path(cfg.coco_dir).resolve()), "train_images": len(corpus.train_ids),
@@ -590,9 +772,14 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         "stage3_loss": {k: loss_summary(v[2]) for k, v in segs.items()},
         "theta": theta, "presence": presence, "mask_threshold": mask_thresholds,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "throughput": {"processes": ctx.world, "device": str(ctx.device),
+                       "segmenter_pairs_per_s": round(len(pairs) * cfg.seg_epochs * len(segs) / stage3_seconds, 2)
+                       if stage3_seconds else None},
         "torch": torch.__version__,
     })
-    calibrate_verification(out, cfg.coco_dir, progress)
+    shutil.rmtree(resume_dir, ignore_errors=True)  # the run finished: nothing to resume
+    if cfg.calibrate:
+        calibrate_verification(out, cfg.coco_dir, progress)
     return out
 
 
@@ -606,7 +793,7 @@ def _save(cfg, tags, original, trained, segs, refined, theta, presence, mask_thr
             att.save(tmp / f"{name}.pt")
         if cfg.ablation:
             original.save(tmp / "attention_original.pt")
-        for folder, (model, seg_cfg, _) in segs.items():
+        for folder, (model, seg_cfg, *_) in segs.items():
             save_segmenter(tmp / folder, model, seg_cfg, {"method": "concept_mask"})
         config = {"train": asdict(cfg), "refined_concepts": refined, "theta": theta["theta"],
                   "presence_threshold": presence["presence_threshold"], "scales": list(cfg.scales),
@@ -670,6 +857,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seg-epochs", type=int, default=TrainConfig.seg_epochs)
     p.add_argument("--verification-only", action="store_true",
                    help="only (re)calibrate concept verification for the model already in --out (2 min)")
+    p.add_argument("--no-calibration", action="store_true",
+                   help="skip concept verification's calibration (2 min; the model then gates presence with the "
+                        "single threshold in its config.json); `--verification-only` adds it later")
+    add_scale_arguments(p, TrainConfig, features=True)
 
 
 def run(args) -> Path:
@@ -679,8 +870,12 @@ def run(args) -> Path:
     cfg = TrainConfig(coco_dir=args.coco, out=args.out, ablation=not args.no_ablation, max_images=args.max_images,
                       fraction=args.fraction,
                       cross_fit=not args.no_cross_fit, finetune_embedding=args.finetune_embedding,
-                      refine_epochs=args.refine_epochs, seg_epochs=args.seg_epochs)
+                      refine_epochs=args.refine_epochs, seg_epochs=args.seg_epochs, device=args.device, amp=args.amp,
+                      workers=args.workers, feature_cache=not args.no_feature_cache,
+                      memory_cache_mb=args.memory_cache_mb, checkpoint_every=args.checkpoint_every,
+                      resume=args.resume, calibrate=not args.no_calibration)
     return train(cfg)
 
 
-register_trainer("concept_mask", "Concept Mask's attention and segmentation networks", add_arguments, run)
+register_trainer("concept_mask", "Concept Mask's attention and segmentation networks", add_arguments, run,
+                 distributed=True)

@@ -29,7 +29,6 @@ import logging
 import random
 import shutil
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +50,7 @@ from ovseg.train.registry import register_trainer
 from ovseg.train.scale import dist
 from ovseg.train.scale.cli import add_scale_arguments
 from ovseg.train.scale.dist import Context, all_reduce_sum
-from ovseg.train.scale.features import FeatureCache, module_fingerprint
+from ovseg.train.scale.features import FeatureCache, MemoryCache, module_fingerprint
 from ovseg.train.scale.loop import LoopConfig, fit, item_rng
 
 log = logging.getLogger(__name__)
@@ -149,12 +148,6 @@ def caption_nouns(dataset: CocoConceptDataset, image_id: int) -> list[str]:
     return list(dict.fromkeys(n.lemma for c in dataset.captions(image_id) for n in object_nouns(c)))
 
 
-def _nbytes(value) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    return sum(_nbytes(v) for v in value.values()) if isinstance(value, dict) else 0
-
-
 class ImageStore:
     """What the stages read of a training image, per sample: its backbone features (plain or mirrored; through
     the on-disk `FeatureCache`, keyed by the backbone's weights, the input size and the image's bytes), its
@@ -167,14 +160,12 @@ class ImageStore:
                  memory_cache_mb: int = 2048, models: Models | None = None):
         self.dataset, self.long_side = dataset, long_side
         self.cache = FeatureCache(cache_dir() / "features" if feature_cache else None, f"xpm-{long_side}")
-        self.budget = memory_cache_mb * 2**20
         self.pseudo: dict[int, list | None] = {}
         self._models = models
-        self._memory: OrderedDict = OrderedDict()
-        self._memory_bytes = 0
+        self._memory = MemoryCache(memory_cache_mb)
 
     def __getstate__(self):
-        return {**self.__dict__, "_models": None, "_memory": OrderedDict(), "_memory_bytes": 0}
+        return {**self.__dict__, "_models": None}
 
     @property
     def models(self) -> Models:
@@ -183,18 +174,7 @@ class ImageStore:
         return self._models
 
     def _remember(self, key, compute):
-        if key in self._memory:
-            self._memory.move_to_end(key)
-            return self._memory[key]
-        value = compute()
-        size = _nbytes(value)
-        if size <= self.budget:
-            self._memory[key] = value
-            self._memory_bytes += size
-            while self._memory_bytes > self.budget:
-                _, old = self._memory.popitem(last=False)
-                self._memory_bytes -= _nbytes(old)
-        return value
+        return self._memory.get(key, compute)
 
     def input_hw(self, image_id: int) -> tuple[int, int]:
         """The network input size: the image's stored size (instances.json) scaled to `long_side`."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,3 +56,43 @@ class FeatureCache:
         np.savez(buf, **arrays)
         atomic_write_bytes(path, buf.getvalue())
         return arrays
+
+
+def nbytes(value) -> int:
+    """The bytes of a tensor or array, or of those inside nested dicts, lists and tuples."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, dict):
+        return sum(nbytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(nbytes(v) for v in value)
+    return 0
+
+
+class MemoryCache:
+    """A bounded in-memory layer (least recently used out first) over what a store reads per sample: a small
+    dataset stays in memory, a large one streams. Pickled empty (a DataLoader worker starts with its own)."""
+
+    def __init__(self, budget_mb: int):
+        self.budget = budget_mb * 2**20
+        self._items: OrderedDict = OrderedDict()
+        self._bytes = 0
+
+    def __getstate__(self):
+        return {"budget": self.budget, "_items": OrderedDict(), "_bytes": 0}
+
+    def get(self, key, compute: Callable):
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        value = compute()
+        size = nbytes(value)
+        if size <= self.budget:
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > self.budget:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= nbytes(old)
+        return value
