@@ -115,7 +115,7 @@ def test_trainers_not_on_the_scalable_loop_refuse_torchrun(monkeypatch, tmp_path
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["train", "cap2seg", "--out", str(tmp_path / "cap2seg")]) == 2
     err = capsys.readouterr().err
-    assert "`ovseg train cap2seg` does not run under torchrun yet" in err and "cls_saliency, ovsegmentor, xpm" in err
+    assert "`ovseg train cap2seg` does not run under torchrun yet" in err and "cls_saliency, concept_mask, ovsegmentor, xpm" in err
     assert not (tmp_path / "cap2seg").exists()
 
 
