@@ -467,12 +467,9 @@ class FeatureStore:
             self._models = Models("cpu")
         return self._models
 
-    def __contains__(self, image_id) -> bool:
-        return image_id in self.info
-
     def heads(self, image_id: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        def compute(rgb=None):
-            rgb = self.dataset.load_rgb(image_id) if rgb is None else rgb
+        def compute():
+            rgb = self.dataset.load_rgb(image_id)
             out = {}
             for s in self.scales:
                 plain, mirror = _scaled_features(self.models, rgb, s)
