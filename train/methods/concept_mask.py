@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from ovseg.core.models.backbone import input_size, preprocess
-from ovseg.core.cache import atomic_write_json, cache_dir, replaced_folder
+from ovseg.core.cache import atomic_write_json, replaced_folder
 from ovseg.core.models.caption_nouns import object_nouns
 from ovseg.core.methods.concept_mask.attention import AttentionNet
 from ovseg.core.methods.concept_mask.losses import (C_MATCH, N_TOP, box_loss, gamma_weights, matching_loss,
@@ -62,7 +62,7 @@ from ovseg.train.registry import register_trainer
 from ovseg.train.scale import dist
 from ovseg.train.scale.cli import add_scale_arguments
 from ovseg.train.scale.dist import Context, all_reduce_sum
-from ovseg.train.scale.features import FeatureCache, MemoryCache, module_fingerprint
+from ovseg.train.scale.features import FrozenFeatures
 from ovseg.train.scale.loop import LoopConfig, fit
 
 log = logging.getLogger(__name__)
@@ -445,27 +445,16 @@ def split(cfg: TrainConfig, dataset: CocoConceptDataset) -> tuple[list[int], lis
     return train_ids, held_ids
 
 
-class FeatureStore:
+class FeatureStore(FrozenFeatures):
     """image id -> {"hw", "scales": {long side: (head, mirrored head)}, "tags" (training images)}, the heads
-    (float16, CPU) read per call through the on-disk `FeatureCache` (keyed by the backbone's weights, the long
-    side and the image's bytes) and a bounded memory layer, so a large dataset streams. `info`: each image's
-    size and tags (small, held). The backbone loads lazily in each process (DataLoader workers included)."""
+    (float16, CPU) read per call through the on-disk feature cache (keyed by the backbone's weights, the long
+    sides and the image's bytes) and a bounded memory layer (`FrozenFeatures`), so a large dataset streams.
+    `info`: each image's size and tags (small, held)."""
 
     def __init__(self, dataset: CocoConceptDataset, scales: tuple[int, ...], info: dict[int, dict],
                  feature_cache: bool = True, memory_cache_mb: int = 2048, models: Models | None = None):
-        self.dataset, self.scales, self.info = dataset, tuple(scales), info
-        self.cache = FeatureCache(cache_dir() / "features" if feature_cache else None, "concept_mask")
-        self._models = models
-        self._memory = MemoryCache(memory_cache_mb)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_models": None}
-
-    @property
-    def models(self) -> Models:
-        if self._models is None:
-            self._models = Models("cpu")
-        return self._models
+        super().__init__(dataset, "concept_mask", feature_cache, memory_cache_mb, models)
+        self.scales, self.info = tuple(scales), info
 
     def heads(self, image_id: int) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         def compute():
@@ -477,13 +466,11 @@ class FeatureStore:
             return out
 
         def cached():
-            fingerprint = hashlib.sha1(self.dataset.image_path(image_id).read_bytes()).hexdigest()
-            parts = ("concept_mask", module_fingerprint(self.models.backbone), self.scales, fingerprint)
-            arrays = self.cache.get(parts, compute)
+            arrays = self.cached(image_id, "concept_mask", (self.scales,), compute)
             return {s: (torch.from_numpy(arrays[f"{s}"]), torch.from_numpy(arrays[f"{s}_mirror"]))
                     for s in self.scales}
 
-        return self._memory.get(image_id, cached)
+        return self.remember(image_id, cached)
 
     def __getitem__(self, image_id: int) -> dict:
         return {**self.info[image_id], "scales": self.heads(image_id)}

@@ -36,9 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovseg.core.models.backbone import input_size, preprocess
 from ovseg.core.ops.boxes import box_iou, flip_boxes, roi_align
-from ovseg.core.cache import atomic_write_json, cache_dir, replaced_folder
+from ovseg.core.cache import atomic_write_json, replaced_folder
 from ovseg.core.models.caption_nouns import object_nouns
 from ovseg.core.models import Models
 from ovseg.core.methods.xpm.losses import (classification_loss, cross_modal_loss, mask_loss, mean_noise,
@@ -50,7 +49,7 @@ from ovseg.train.registry import register_trainer
 from ovseg.train.scale import dist
 from ovseg.train.scale.cli import add_scale_arguments
 from ovseg.train.scale.dist import Context, all_reduce_sum
-from ovseg.train.scale.features import FeatureCache, MemoryCache, module_fingerprint
+from ovseg.train.scale.features import PyramidStore, pyramid_features
 from ovseg.train.scale.loop import LoopConfig, fit, item_rng
 
 log = logging.getLogger(__name__)
@@ -126,17 +125,7 @@ def flip_annotations(gt: dict, width: int) -> dict:
     return {"boxes": flip_boxes(gt["boxes"], width), "labels": gt["labels"], "masks": gt["masks"].flip(-1)}
 
 
-def image_features(models: Models, rgb: np.ndarray, long_side: int, flip: bool,
-                   hw: tuple[int, int] | None = None) -> dict:
-    """The frozen backbone's c3, c4, c5 (float16) of the image resized to `hw` (default: `long_side` on its long
-    side, multiples of 32), mirrored if `flip`."""
-    hw = hw or input_size(rgb.shape[0], rgb.shape[1], long_side)
-    x = preprocess(rgb, hw, models.device)
-    if flip:
-        x = x.flip(-1)
-    with torch.no_grad():
-        f = models.backbone(x)
-    return {"c3": f.c3.half(), "c4": f.c4.half(), "c5": f.c5.half()}
+image_features = pyramid_features  # the name the curation retrain and xpm_eval import
 
 
 def as_float(feats: dict) -> dict:
@@ -148,56 +137,19 @@ def caption_nouns(dataset: CocoConceptDataset, image_id: int) -> list[str]:
     return list(dict.fromkeys(n.lemma for c in dataset.captions(image_id) for n in object_nouns(c)))
 
 
-class ImageStore:
+class ImageStore(PyramidStore):
     """What the stages read of a training image, per sample: its backbone features (plain or mirrored; through
-    the on-disk `FeatureCache`, keyed by the backbone's weights, the input size and the image's bytes), its
-    base-class annotations (decoded when read), its input size, and its pseudo labels once made (`pseudo`:
-    image id -> [plain, mirrored] or None). A bounded memory layer (least recently used out first) keeps a
-    small dataset in memory; a large one streams. The backbone loads lazily in each process (DataLoader
-    workers included)."""
+    the on-disk feature cache, keyed by the backbone's weights, the input size and the image's bytes, and a
+    bounded memory layer: `PyramidStore`), its base-class annotations (decoded when read), its input size, and
+    its pseudo labels once made (`pseudo`: image id -> [plain, mirrored] or None)."""
 
     def __init__(self, dataset: CocoConceptDataset, long_side: int, feature_cache: bool = True,
                  memory_cache_mb: int = 2048, models: Models | None = None):
-        self.dataset, self.long_side = dataset, long_side
-        self.cache = FeatureCache(cache_dir() / "features" if feature_cache else None, f"xpm-{long_side}")
+        super().__init__(dataset, long_side, feature_cache, memory_cache_mb, models)
         self.pseudo: dict[int, list | None] = {}
-        self._models = models
-        self._memory = MemoryCache(memory_cache_mb)
-
-    def __getstate__(self):
-        return {**self.__dict__, "_models": None}
-
-    @property
-    def models(self) -> Models:
-        if self._models is None:
-            self._models = Models("cpu")
-        return self._models
-
-    def _remember(self, key, compute):
-        return self._memory.get(key, compute)
-
-    def input_hw(self, image_id: int) -> tuple[int, int]:
-        """The network input size: the image's stored size (instances.json) scaled to `long_side`."""
-        return input_size(*self.dataset.image_size(image_id), self.long_side)
-
-    def features(self, image_id: int, flip: bool) -> dict[str, torch.Tensor]:
-        """{"c3", "c4", "c5"}: (1, C, h, w) float16 on the CPU."""
-        import hashlib
-
-        def compute():
-            rgb = self.dataset.load_rgb(image_id)
-            f = image_features(self.models, rgb, self.long_side, flip, self.input_hw(image_id))
-            return {k: v.cpu().numpy() for k, v in f.items()}
-
-        def cached():
-            fingerprint = hashlib.sha1(self.dataset.image_path(image_id).read_bytes()).hexdigest()
-            parts = ("xpm", module_fingerprint(self.models.backbone), self.long_side, bool(flip), fingerprint)
-            return {k: torch.from_numpy(v) for k, v in self.cache.get(parts, compute).items()}
-
-        return self._remember(("features", image_id, bool(flip)), cached)
 
     def annotations(self, image_id: int, flip: bool) -> dict:
-        gt = self._remember(("gt", image_id), lambda: base_annotations(self.dataset, image_id,
+        gt = self.remember(("gt", image_id), lambda: base_annotations(self.dataset, image_id,
                                                                       self.input_hw(image_id)))
         return flip_annotations(gt, self.input_hw(image_id)[1]) if flip else gt
 

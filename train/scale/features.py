@@ -96,3 +96,82 @@ class MemoryCache:
                 _, old = self._items.popitem(last=False)
                 self._bytes -= nbytes(old)
         return value
+
+
+class FrozenFeatures:
+    """What a frozen model computes per image of a dataset, read through the on-disk `FeatureCache` (under
+    `<cache>/features/<tag>/`, keyed by the model's weights, the caller's parts and the image's bytes) and a
+    bounded memory layer, so a small dataset stays in memory and a large one streams. The models load lazily in
+    each process (DataLoader workers included: the store pickles without them)."""
+
+    def __init__(self, dataset, tag: str, feature_cache: bool = True, memory_cache_mb: int = 2048, models=None):
+        from ovseg.core.cache import cache_dir
+
+        self.dataset = dataset
+        self.cache = FeatureCache(cache_dir() / "features" if feature_cache else None, tag)
+        self._models = models
+        self._memory = MemoryCache(memory_cache_mb)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_models": None}
+
+    @property
+    def models(self):
+        if self._models is None:
+            from ovseg.core.models import Models
+
+            self._models = Models("cpu")
+        return self._models
+
+    def remember(self, key, compute: Callable):
+        """compute(), kept in the memory layer under `key`."""
+        return self._memory.get(key, compute)
+
+    def cached(self, image_id: int, name: str, parts: tuple, compute: Callable[[], dict[str, np.ndarray]]
+               ) -> dict[str, np.ndarray]:
+        """compute()'s arrays for an image through the disk cache, keyed by (name, the backbone's weights,
+        *parts, the image file's sha1)."""
+        fingerprint = hashlib.sha1(self.dataset.image_path(image_id).read_bytes()).hexdigest()
+        return self.cache.get((name, module_fingerprint(self.models.backbone), *parts, fingerprint), compute)
+
+
+def pyramid_features(models, rgb: np.ndarray, long_side: int, flip: bool, hw: tuple[int, int] | None = None) -> dict:
+    """The frozen backbone's c3, c4, c5 (float16, (1, C, h, w)) of the image resized to `hw` (default:
+    `long_side` on its long side, multiples of 32), mirrored if `flip`."""
+    from ovseg.core.models.backbone import input_size, preprocess
+
+    hw = hw or input_size(rgb.shape[0], rgb.shape[1], long_side)
+    x = preprocess(rgb, hw, models.device)
+    if flip:
+        x = x.flip(-1)
+    with torch.no_grad():
+        f = models.backbone(x)
+    return {"c3": f.c3.half(), "c4": f.c4.half(), "c5": f.c5.half()}
+
+
+class PyramidStore(FrozenFeatures):
+    """image id, flip -> the backbone's c3, c4, c5 ((1, C, h, w) float16 on the CPU) at `long_side` (the
+    image's stored size scaled, `input_hw`), as XPM's and Cap2Seg's networks read them: one cache serves both."""
+
+    def __init__(self, dataset, long_side: int, feature_cache: bool = True, memory_cache_mb: int = 2048,
+                 models=None):
+        super().__init__(dataset, f"pyramid-{long_side}", feature_cache, memory_cache_mb, models)
+        self.long_side = long_side
+
+    def input_hw(self, image_id: int) -> tuple[int, int]:
+        """The network input size: the image's stored size (instances.json) scaled to `long_side`."""
+        from ovseg.core.models.backbone import input_size
+
+        return input_size(*self.dataset.image_size(image_id), self.long_side)
+
+    def features(self, image_id: int, flip: bool = False) -> dict[str, torch.Tensor]:
+        def compute():
+            rgb = self.dataset.load_rgb(image_id)
+            f = pyramid_features(self.models, rgb, self.long_side, flip, self.input_hw(image_id))
+            return {k: v.cpu().numpy() for k, v in f.items()}
+
+        def cached():
+            arrays = self.cached(image_id, "pyramid", (self.long_side, bool(flip)), compute)
+            return {k: torch.from_numpy(v) for k, v in arrays.items()}
+
+        return self.remember(("features", image_id, bool(flip)), cached)
