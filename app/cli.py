@@ -236,7 +236,7 @@ def cmd_train(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not trainer.distributed:
         able = ", ".join(n for n, t in trainers().items() if t.distributed)
-        raise ValueError(f"`ovseg train {args.method}` does not run under torchrun yet ({world} processes would "
+        raise ValueError(f"`ovseg train {args.method}` does not run under torchrun ({world} processes would "
                          f"each train and write the whole model): run it as one process. Trainers that do: {able}")
     out = trainer.run(args)
     if out is not None:  # None: a torchrun process other than rank 0, which writes nothing

@@ -124,3 +124,21 @@ def kill_after_checkpoint(proc: subprocess.Popen, state: Path, min_step: int, ti
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()[-2000:]}"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def train_command(trainer: str, args: list[str], env: dict, torchrun: int = 0, wait: bool = True,
+                  timeout_s: float = 900):
+    """Run `ovseg train <trainer> --coco coco_dev ARGS` in a subprocess (under torchrun with `torchrun`
+    processes); returns the finished run (asserting it succeeded), or with wait=False the running Popen."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "ovseg.app.cli", "train", trainer, "--coco", str(COCO_DEV), *args]
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               *cmd[1:]]
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r

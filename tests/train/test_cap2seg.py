@@ -153,7 +153,7 @@ def test_tiny_training_loss_falls_and_reads_no_target_mask(tmp_path, decoded_cat
     seg = summary["segmentation"]
     assert seg["seen_classes"][-1] == "background" and not set(seg["seen_classes"]) & set(TARGET_CLASSES)
     for name in ("segmentation.pt", "segmentation_lrs0.pt"):
-        losses = seg["networks"][name]["losses"]["seg"]
+        losses = seg["networks"][name]["losses"]["total"]
         assert (out / name).is_file() and losses["last_10pct"] < losses["first_10pct"], (name, losses)
     from ovseg.core.methods.base import ImageState
     from ovseg.core.methods.cap2seg.method import Cap2Seg

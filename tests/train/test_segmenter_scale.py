@@ -113,10 +113,11 @@ def test_trainers_not_on_the_scalable_loop_refuse_torchrun(monkeypatch, tmp_path
     from ovseg.app.cli import main
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["train", "cap2seg", "--out", str(tmp_path / "cap2seg")]) == 2
+    assert main(["train", "fused", "--out", str(tmp_path / "fused")]) == 2
     err = capsys.readouterr().err
-    assert "`ovseg train cap2seg` does not run under torchrun yet" in err and "cls_saliency, concept_mask, ovsegmentor, xpm" in err
-    assert not (tmp_path / "cap2seg").exists()
+    assert "`ovseg train fused` does not run under torchrun" in err
+    assert "cap2seg, cls_saliency, concept_mask, ovsegmentor, xpm" in err
+    assert not (tmp_path / "fused").exists()
 
 
 # ---------------------------------------------------------------------------------- cls_saliency runs

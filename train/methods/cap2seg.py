@@ -25,6 +25,15 @@
 
 Rows CE and CE + multi-scale are ablations trained only for Table 1 (`--no-ablation` skips them); the checkpoint
 is the configuration the flags ask for (default: multi-scale and curriculum, the paper's full model).
+
+Scale (`ovseg.train.scale`): every network trains on the scalable loop (one CPU, a GPU, or N processes under
+torchrun; `--resume` from `<out>.resume/<network>.pt`). An epoch's questions (`EpochPairs`) come from the seed
+and the epoch alone and are cut into global batches of `batch_size` (an incomplete last one dropped); each
+process takes every N-th question of a batch, each known-class question's local-branch sources come from its
+own generator, the four loss terms are normalised by their global counts, and dropout (the transformer's, its
+attention's and the heads') draws its masks for the global batch, every process padding its questions to the
+batch's longest: N processes train what one does. The training images' masks are decoded in shards; rank 0
+evaluates and writes.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -55,6 +65,10 @@ from ovseg.core.ops.metrics import average_precision
 from ovseg.train.coco import (BASE_CLASSES, HOLDOUT_FRACTION, SPLIT_SEED, TARGET_CLASSES, CocoConceptDataset,
                               assert_no_target_annotations, fraction_of, split_image_ids, training_mask)
 from ovseg.train.registry import register_trainer
+from ovseg.train.scale import dist
+from ovseg.train.scale.cli import add_scale_arguments
+from ovseg.train.scale.dist import Context
+from ovseg.train.scale.loop import LoopConfig, fit, item_seed
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +106,14 @@ class TrainConfig:
     noun_pairs: int = 1  # extra-vocabulary caption nouns per caption and epoch, present and absent each (0: none)
     min_noun_images: int = 3  # an extra noun must be named on this many training images
     local_branch: bool = True  # sec. 3.4-3.5: the local branch and the consistency loss (with a run without it)
+    # scale (`ovseg.train.scale`): device, mixed precision, DataLoader workers, feature caches, checkpoints
+    device: str = "auto"
+    amp: str = "auto"
+    workers: int = 0
+    feature_cache: bool = True
+    memory_cache_mb: int = 2048
+    checkpoint_every: int = 50
+    resume: bool = False
 
     def entailment_config(self, multiscale: bool) -> EntailmentConfig:
         return EntailmentConfig(trainable_layers=self.trainable_layers,
@@ -152,14 +174,17 @@ def noun_vocabulary(images: list[CaptionedImage], min_images: int = 3) -> list[s
     return sorted(n for n, c in counts.items() if c >= min_images)
 
 
-def training_images(dataset: CocoConceptDataset, ids: list[int], k: int, progress: bool) -> list[CaptionedImage]:
-    """The captioned training images with their base-class labels and stripe distributions. `dataset` must score
-    BASE_CLASSES only; each present class's mask comes from `training_mask` (which refuses a target class)."""
+def training_images(dataset: CocoConceptDataset, ids: list[int], k: int, progress: bool,
+                    ctx: Context | None = None) -> list[CaptionedImage]:
+    """The captioned training images with their base-class labels and stripe distributions, in `ids` order
+    (under torchrun each process decodes every N-th image's masks; the results are gathered). `dataset` must
+    score BASE_CLASSES only; each present class's mask comes from `training_mask` (which refuses a target class)."""
     from tqdm import tqdm
 
+    ctx = ctx or Context()
     assert_no_target_annotations(dataset.classes)
-    out = []
-    for image_id in tqdm(ids, desc="cap2seg: base masks", unit="img", disable=not progress):
+    mine = {}
+    for image_id in tqdm(ids[ctx.rank :: ctx.world], desc="cap2seg: base masks", unit="img", disable=not progress):
         captions = dataset.captions(image_id)
         if not captions:
             continue
@@ -168,7 +193,9 @@ def training_images(dataset: CocoConceptDataset, ids: list[int], k: int, progres
         masks = {n: training_mask(dataset, image_id, n) for n in present}
         stripes = {n: stripe_distribution(m, k) for n, m in masks.items()}
         grid = grid_labels({BASE_CLASSES.index(n): m == 1 for n, m in masks.items()})
-        out.append(CaptionedImage(int(image_id), captions, present, stripes, grid, caption_nouns(captions)))
+        mine[int(image_id)] = CaptionedImage(int(image_id), captions, present, stripes, grid, caption_nouns(captions))
+    made = {k: v for part in dist.gather_objects(mine) for k, v in part.items()}
+    out = [made[int(i)] for i in ids if int(i) in made]
     if not out:
         raise OvsegError(f"no captioned training image in {dataset.root}: cap2seg needs captions.json")
     return out
@@ -259,104 +286,177 @@ def _forward(model: ContextualEntailment, batch: list[Pair]):
     return occ, st, present, truth, counts
 
 
-def local_terms(local: LocalInference, images: list[CaptionedImage], batch: list[Pair], stripe_logits: torch.Tensor,
-                known_vectors: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Eq. 9 and eq. 11 over a batch's known-class pairs: each pair's class plays the unknown u', n_sub
-    sources are drawn from its image's cells of the other known classes. -> (L_p, L_consist, pairs used)."""
-    rows, pos, cls, labels, weight = [], [], [], [], []
-    n_sub = local.config.n_sub
-    positions = local.positions
-    for r, p in enumerate(batch):
-        if p.known < 0:
-            continue
-        grid = images[p.image].grid
-        cells, classes = sample_sources(grid, p.known, n_sub, rng)
+class LocalDraw(NamedTuple):
+    """A known-class pair's local-branch inputs (eq. 9): n_sub source cells of the other known classes, their
+    classes, and the pair's class on every lattice cell (labels) where a known class is (weight)."""
+
+    cells: np.ndarray
+    classes: np.ndarray
+    labels: np.ndarray
+    weight: np.ndarray
+
+
+class EpochPairs:
+    """The questions of every epoch (`epoch_pairs`: curriculum, negatives and extra nouns drawn from the seed
+    and the epoch alone, so any process, and a resumed run, makes the same) as the scalable loop reads them:
+    item(index, epoch) -> (pair, its local-branch draw or None). Each draw comes from the pair's own generator
+    (`item_seed(seed, epoch, index)`), whatever process or DataLoader worker makes it."""
+
+    def __init__(self, images: list[CaptionedImage], cfg: TrainConfig, curriculum: dict[str, list[str]] | None,
+                 vocabulary: list[str], n_sub: int | None):
+        self.images, self.cfg, self.curriculum, self.vocabulary, self.n_sub = images, cfg, curriculum, vocabulary, n_sub
+        self._epochs: dict[int, tuple[list[str], list[Pair]]] = {}
+
+    def active(self, epoch: int) -> list[str]:
+        """The seen classes asked about in an epoch: with a curriculum the easiest third in the first third of
+        the epochs, then the easy and medium two thirds, then all."""
+        if not self.curriculum:
+            return list(BASE_CLASSES)
+        stage = min(2, epoch * 3 // max(self.cfg.epochs, 1))
+        active = {n for level in ("easy", "medium", "hard")[: stage + 1] for n in self.curriculum[level]}
+        return [n for n in BASE_CLASSES if n in active]
+
+    def pairs(self, epoch: int) -> list[Pair]:
+        if epoch not in self._epochs:
+            rng = np.random.default_rng(item_seed(self.cfg.seed, epoch, -1))
+            noun_pairs = self.cfg.noun_pairs if self.vocabulary else 0
+            self._epochs = {epoch: epoch_pairs(self.images, self.active(epoch), self.cfg.negatives, rng, self.cfg.k,
+                                               self.vocabulary, noun_pairs)}  # one epoch held at a time
+        return self._epochs[epoch]
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's global batches: its (already shuffled) pairs in runs of batch_size, an incomplete last
+        batch dropped (as a DistributedSampler drops it)."""
+        n, b = len(self.pairs(epoch)), self.cfg.batch_size
+        return [list(range(i, i + b)) for i in range(0, (n // b) * b, b)]
+
+    def __len__(self) -> int:
+        return len(self.pairs(0))
+
+    def item(self, index: int, epoch: int) -> tuple[Pair, LocalDraw | None]:
+        p = self.pairs(epoch)[index]
+        if self.n_sub is None or p.known < 0:
+            return p, None
+        grid = self.images[p.image].grid
+        cells, classes = sample_sources(grid, p.known, self.n_sub,
+                                        np.random.default_rng(item_seed(self.cfg.seed, epoch, index)))
         if len(cells) == 0:
-            continue
-        rows.append(r)
-        pos.append(positions[torch.from_numpy(cells)])
-        cls.append(torch.from_numpy(classes))
-        flat = torch.from_numpy(grid.reshape(-1).astype(np.int64))
-        labels.append((flat == p.known).float())
-        weight.append((flat >= 0).float())
-    if not rows:
-        zero = stripe_logits.sum() * 0.0
-        return zero, zero, 0
-    word = known_vectors[torch.tensor([batch[r].known for r in rows])]
-    prob = local(torch.stack(pos), known_vectors[torch.stack(cls)], torch.ones(len(rows), n_sub, dtype=torch.bool),
-                 word)
-    l_p = local_loss(prob, torch.stack(labels), torch.stack(weight))
-    y_hat = stripe_shares(prob, stripe_logits.shape[1])
-    v_hat = torch.softmax(stripe_logits[torch.tensor(rows)], dim=-1)
-    return l_p, consistency_loss(y_hat, v_hat), len(rows)
+            return p, None
+        flat = grid.reshape(-1)
+        return p, LocalDraw(cells, classes, (flat == p.known).astype(np.float32), (flat >= 0).astype(np.float32))
+
+
+class _EntailmentAndLocal(torch.nn.Module):
+    """The networks one entailment fit trains together: the entailment model and, optionally, the local branch."""
+
+    def __init__(self, entailment: ContextualEntailment, local: LocalInference | None):
+        super().__init__()
+        self.entailment, self.local = entailment, local
+
+
+def _entailment_step(ctx: Context, known_vectors: torch.Tensor | None, consistency: bool):
+    """L = L_o + L_s [+ L_p + L_consist] of a process's share of a global batch, each term a sum over the share
+    divided by its global count (pairs, pairs with a stripe truth, counted local cells, local pairs), so the
+    gradients summed over processes are those of the global batch's means. Every process pads its questions to
+    the global batch's longest, so the dropout masks drawn for the global batch fit (`dist.sync_transformer`)."""
+
+    def step(model, batch, epoch):
+        ent, local, dev = model.entailment, model.local, ctx.device
+        pairs = [p for p, _ in batch]
+        caps = [p.caption for p in pairs]
+        descs = [description(p.name, ent.config.description) for p in pairs]
+        longest = dist.all_reduce_max(torch.tensor([max(ent.token_lengths(caps, descs))]))
+        occ, st = ent(caps, descs, pad_to=int(longest[0]))
+        present = torch.tensor([p.present for p in pairs], device=dev)
+        truth = torch.tensor(np.stack([p.truth for p in pairs]), dtype=torch.float32, device=dev)
+        counts = torch.tensor([p.has_stripes for p in pairs], device=dev)
+        # each term as a sum over this share: the core losses are means over their own counts
+        _, lo, ls = joint_loss(occ, st, present, truth, counts)
+        lo, ls = lo * len(pairs), ls * float(counts.sum())
+        lp = lc = st.sum() * 0.0
+        rows = [r for r, (_, d) in enumerate(batch) if d is not None]
+        weight_sum = 0.0
+        if local is not None and rows:
+            draws = [batch[r][1] for r in rows]
+            pos = local.positions[torch.from_numpy(np.stack([d.cells for d in draws])).to(dev)]
+            src = known_vectors[torch.from_numpy(np.stack([d.classes for d in draws])).to(dev)]
+            word = known_vectors[torch.tensor([pairs[r].known for r in rows], device=dev)]
+            prob = local(pos, src, torch.ones(src.shape[:2], dtype=torch.bool, device=dev), word)
+            weight = torch.from_numpy(np.stack([d.weight for d in draws])).to(dev)
+            weight_sum = float(weight.sum())
+            labels = torch.from_numpy(np.stack([d.labels for d in draws])).to(dev)
+            lp = local_loss(prob, labels, weight) * max(weight_sum, 1.0)
+            v_hat = torch.softmax(st[torch.tensor(rows, device=dev)].float(), dim=-1)
+            lc = consistency_loss(stripe_shares(prob, st.shape[1]), v_hat) * len(rows)
+        elif local is not None:  # no local pair here: a zero that still reaches the branch (gradients are summed)
+            lp = lp + sum(q.sum() for q in local.parameters()) * 0.0
+        n = dist.all_reduce_sum(torch.tensor([len(pairs), float(counts.sum()), weight_sum, len(rows)],
+                                             dtype=torch.float64))
+        n_pairs, n_stripes, n_cells, n_local = (max(float(v), 1.0) for v in n)
+        lo, ls, lp, lc = lo / n_pairs, ls / n_stripes, lp / n_cells, lc / n_local
+        loss = lo + ls + (lp + (lc if consistency else 0.0) if local is not None else 0.0)
+        logged = dist.all_reduce_sum(torch.stack([loss, lo, ls, lp, lc]).detach().double().clone())
+        logs = dict(zip(("total", "occurrence", "stripe", "local", "consistency"), map(float, logged)))
+        logs["local_pairs"] = float(n[3])
+        return loss, logs
+
+    return step
 
 
 def fit_entailment(encoder, images: list[CaptionedImage], cfg: TrainConfig, multiscale: bool,
                    curriculum: dict[str, list[str]] | None, label: str, progress: bool,
                    known_vectors: torch.Tensor | None = None, vocabulary: list[str] = (),
-                   consistency: bool = True) -> tuple[ContextualEntailment, LocalInference | None, dict]:
+                   consistency: bool = True, ctx: Context | None = None, checkpoint: str | None = None
+                   ) -> tuple[ContextualEntailment, LocalInference | None, dict]:
     """Fine-tune one entailment model on the training images (eq. 6); with `known_vectors` (the base classes'
     word vectors) the local branch is trained with it (eq. 9) and, with `consistency`, the two are tied by
-    eq. 11: L = L_o + L_s + L_p + L_consist. -> (entailment model, local branch or None, loss record)."""
-    from tqdm import tqdm
-
+    eq. 11: L = L_o + L_s + L_p + L_consist. Adam; the batches of `EpochPairs.plan`, on the scalable loop
+    (`ovseg.train.scale.loop`): each process its share of every global batch, dropout masks drawn for the global
+    batch, `checkpoint` written every cfg.checkpoint_every steps, cfg.resume goes on from it.
+    -> (entailment model, local branch or None, loss record)."""
+    ctx = ctx or Context()
+    if cfg.batch_size % ctx.world:
+        raise OvsegError(f"the batch size {cfg.batch_size} does not divide among {ctx.world} processes")
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    model = ContextualEntailment(encoder, cfg.entailment_config(multiscale)).train()
-    local = None
+    model = ContextualEntailment(encoder, cfg.entailment_config(multiscale))
+    local = LocalInference(LocalConfig(word_dim=known_vectors.shape[1])) if known_vectors is not None else None
+    net = _EntailmentAndLocal(model, local).to(ctx.device)
+    attention = dist.sync_transformer(model.transformer)
+    dist.sync_batchnorm(net)  # the heads' dropout too
     enc_params, head_params = model.trained_parameters()
     groups = [{"params": head_params, "lr": cfg.lr_heads}]
     if enc_params:
         groups.append({"params": enc_params, "lr": cfg.lr_encoder})
-    if known_vectors is not None:
-        local = LocalInference(LocalConfig(word_dim=known_vectors.shape[1])).train()
+    if local is not None:
         groups.append({"params": list(local.parameters()), "lr": cfg.lr_heads})
     opt = torch.optim.Adam(groups)
-    noun_pairs = cfg.noun_pairs if vocabulary else 0
-    probe = epoch_pairs(images, list(BASE_CLASSES), cfg.negatives, np.random.default_rng(cfg.seed + 1),
-                        cfg.k)[:512]
-    record = {"probe_pairs": len(probe), "probe_before": pair_loss(model, probe), "epochs": [],
-              "local_branch": local is not None, "consistency": bool(local is not None and consistency),
-              "extra_nouns": len(vocabulary) if noun_pairs else 0}
-    t0 = time.perf_counter()
-    for epoch in range(cfg.epochs):
-        if curriculum:
-            stage = min(2, epoch * 3 // max(cfg.epochs, 1))
-            active = [n for level in ("easy", "medium", "hard")[: stage + 1] for n in curriculum[level]]
-        else:
-            active = list(BASE_CLASSES)
-        active = [n for n in BASE_CLASSES if n in set(active)]
-        pairs = epoch_pairs(images, active, cfg.negatives, rng, cfg.k, vocabulary, noun_pairs)
-        sums = np.zeros(5)
-        n_local = 0
-        bar = tqdm(range(0, len(pairs), cfg.batch_size), desc=f"cap2seg: {label} epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=not progress)
-        first_batch = None
-        for i in bar:
-            batch = pairs[i : i + cfg.batch_size]
-            occ, st, present, truth, counts = _forward(model, batch)
-            loss, lo, ls = joint_loss(occ, st, present, truth, counts)
-            lp = lc = torch.zeros(())
-            if local is not None:
-                lp, lc, used = local_terms(local, images, batch, st, known_vectors, rng)
-                n_local += used
-                loss = loss + lp + (lc if consistency else 0.0)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sums += np.array([loss.item(), lo.item(), ls.item(), lp.item(), lc.item()]) * len(batch)
-            if first_batch is None:
-                first_batch = round(loss.item(), 4)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        n = max(len(pairs), 1)
-        entry = {"active_classes": len(active), "pairs": len(pairs), "first_batch_loss": first_batch,
-                 "mean_loss": round(sums[0] / n, 4), "mean_occurrence": round(sums[1] / n, 4),
-                 "mean_stripe": round(sums[2] / n, 4)}
+    source = EpochPairs(images, cfg, curriculum, list(vocabulary), local.config.n_sub if local is not None else None)
+    probe = epoch_pairs(images, list(BASE_CLASSES), cfg.negatives, np.random.default_rng(cfg.seed + 1), cfg.k)[:512]
+    record = {"probe_pairs": len(probe), "probe_before": pair_loss(model, probe) if ctx.main else None,
+              "epochs": [], "local_branch": local is not None, "consistency": bool(local is not None and consistency),
+              "extra_nouns": len(vocabulary) if (cfg.noun_pairs and vocabulary) else 0}
+    loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, workers=cfg.workers, amp=cfg.amp,
+                      checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,
+                      desc=f"cap2seg: {label}", progress=progress and ctx.main)
+    vectors = known_vectors.to(ctx.device) if known_vectors is not None else None
+    out = fit(net, opt, None, source, _entailment_step(ctx, vectors, consistency), loop, ctx, collate=list,
+              plan=source.plan)
+    model.transformer.config._attn_implementation = attention
+    start = 0
+    for epoch, logged in enumerate(out["epochs"]):
+        steps = len(source.plan(epoch))
+        entry = {"active_classes": len(source.active(epoch)), "pairs": steps * cfg.batch_size,
+                 "first_batch_loss": round(out["step_totals"][start], 4) if start < len(out["step_totals"]) else None,
+                 "mean_loss": logged["total"], "mean_occurrence": logged["occurrence"],
+                 "mean_stripe": logged["stripe"]}
         if local is not None:
-            entry.update(local_pairs=n_local, mean_local=round(sums[3] / n, 4), mean_consistency=round(sums[4] / n, 4))
+            entry.update(local_pairs=int(round(logged["local_pairs"] * steps)), mean_local=logged["local"],
+                         mean_consistency=logged["consistency"])
         record["epochs"].append(entry)
-    record["probe_after"] = pair_loss(model, probe)
-    record["seconds"] = round(time.perf_counter() - t0, 1)
+        start += steps
+    record["probe_after"] = pair_loss(model, probe) if ctx.main else None
+    record["seconds"] = out["seconds"]
+    record["pairs_per_s"] = out["items_per_s"]
     return model.eval(), (local.eval() if local is not None else None), record
 
 
@@ -513,12 +613,30 @@ def evaluate(cfg: TrainConfig, models: Models, zsl: TraditionalZSL, entailment: 
 
 
 # ------------------------------------------------------------------------------------------------ train
-def train(cfg: TrainConfig, progress: bool = True) -> Path:
+def train(cfg: TrainConfig, progress: bool = True) -> Path | None:
+    """Everything the module docstring lists, into cfg.out. Under torchrun every process trains its share;
+    rank 0 alone evaluates and writes (the others return None)."""
+    ctx = dist.setup(cfg.device)
+    try:
+        return _train(cfg, ctx, progress and ctx.main)
+    finally:
+        dist.teardown()
+
+
+def _stage_checkpoint(cfg: TrainConfig, stage: str) -> str:
+    return str(Path(f"{cfg.out}.resume") / f"{stage.replace(' ', '_').replace('.', '')}.pt")
+
+
+def _train(cfg: TrainConfig, ctx: Context, progress: bool) -> Path | None:
     t_start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     if cfg.epochs < 1 or cfg.batch_size < 1 or cfg.negatives < 0:
         raise OvsegError(f"need epochs >= 1, batch_size >= 1 and negatives >= 0, got {cfg.epochs}, "
                          f"{cfg.batch_size}, {cfg.negatives}")
+    resume_dir = Path(f"{cfg.out}.resume")
+    if not cfg.resume and ctx.main and resume_dir.exists():
+        shutil.rmtree(resume_dir)  # a fresh run: an older interrupted run's states are not this run's
+    dist.barrier()
     dataset = CocoConceptDataset(cfg.coco_dir, classes=BASE_CLASSES)
     train_ids, held_ids = split_image_ids(dataset.image_ids, cfg.holdout_fraction, cfg.seed)
     train_ids = fraction_of(train_ids, cfg.fraction, cfg.seed)
@@ -527,7 +645,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     held_ids = [i for i in held_ids if dataset.captions(i)]
     train_ids = train_ids[: cfg.max_images] if cfg.max_images else train_ids
     held_ids = held_ids[: cfg.max_eval_images] if cfg.max_eval_images else held_ids
-    images = training_images(dataset, train_ids, cfg.k, progress)
+    images = training_images(dataset, train_ids, cfg.k, progress, ctx)
     t_data = time.perf_counter() - t_start
 
     # curriculum over the seen classes: their mention rates on the training captions
@@ -536,24 +654,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     unseen_in_data = [n for n, r in base_rates.items() if not r["images"]]
     curriculum["easy"] = curriculum["easy"] + unseen_in_data  # only negatives: active from the start
 
-    models = Models("cpu")
+    models = Models(ctx.device)
     if cfg.entailment_from:  # only the segmentation model is trained: no baseline or entailment fit
-        return _with_entailment_from(cfg, models, all_train_ids, progress, t_start)
+        return _with_entailment_from(cfg, models, all_train_ids, progress, t_start, ctx)
     encoder = models.text_encoder
-    names = list(BASE_CLASSES)
-    # traditional ZSL: a projection of the frozen caption embedding, fitted over the seen classes on 80% of the
-    # training images and early-stopped on the other 20% (seen classes only; no held-out image is used)
     caps = [c for img in images for c in img.captions]
-    zsl_val = set(np.random.default_rng(cfg.seed).permutation(len(images))[: max(1, len(images) // 5)].tolist())
-    cap_emb = encoder.embed(caps)
-    present = torch.tensor([[float(n in img.stripes) for n in names] for img in images for _ in img.captions])
-    in_val = torch.tensor([j in zsl_val for j, img in enumerate(images) for _ in img.captions])
-    if len(images) < 2:
-        in_val[:] = False
-    zsl = TraditionalZSL(encoder.dim)
-    zsl_record = zsl.fit(cap_emb[~in_val], models.embed_words(names), present[~in_val], steps=cfg.zsl_steps,
-                         validation=(cap_emb[in_val], present[in_val]) if in_val.any() else None)
-
     variants = {"ce_multiscale_curriculum": (True, True)} if (cfg.multiscale and cfg.curriculum) else {}
     if not variants:
         key = "ce_multiscale" if cfg.multiscale else ("ce_curriculum" if cfg.curriculum else "ce")
@@ -568,16 +673,38 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         final_here = row == final_row
         fitted[row], local, records[row] = fit_entailment(
             encoder, images, cfg, ms, curriculum if cl else None, row, progress,
-            known_vectors=known_vectors if final_here else None, vocabulary=vocabulary)
+            known_vectors=known_vectors if final_here else None, vocabulary=vocabulary, ctx=ctx,
+            checkpoint=_stage_checkpoint(cfg, row))
         if local is not None:
             branches["with_consistency"] = (fitted[row], local)
     if cfg.local_branch and cfg.evaluate and cfg.ablation:  # Table 3's other run: the same model without eq. 11
         ms, cl = variants[final_row]
         ent, local, records["without_consistency"] = fit_entailment(
             encoder, images, cfg, ms, curriculum if cl else None, "without eq. 11", progress,
-            known_vectors=known_vectors, vocabulary=vocabulary, consistency=False)
+            known_vectors=known_vectors, vocabulary=vocabulary, consistency=False, ctx=ctx,
+            checkpoint=_stage_checkpoint(cfg, "without_consistency"))
         branches["without_consistency"] = (ent, local)
     t_fit = time.perf_counter() - t_start - t_data
+
+    final = fitted[final_row]
+    final_local = branches.get("with_consistency", (None, None))[1]
+    seg = _segmentation(cfg, models, final, final_local, all_train_ids, progress, ctx)
+    if not ctx.main:
+        return None
+
+    # traditional ZSL (a baseline of Table 1): a projection of the frozen caption embedding, fitted over the seen
+    # classes on 80% of the training images and early-stopped on the other 20% (no held-out image is used)
+    names = list(BASE_CLASSES)
+    zsl_val = set(np.random.default_rng(cfg.seed).permutation(len(images))[: max(1, len(images) // 5)].tolist())
+    cap_emb = encoder.embed(caps)
+    present = torch.tensor([[float(n in img.stripes) for n in names] for img in images for _ in img.captions])
+    in_val = torch.tensor([j in zsl_val for j, img in enumerate(images) for _ in img.captions])
+    if len(images) < 2:
+        in_val[:] = False
+    torch.manual_seed(cfg.seed)
+    zsl = TraditionalZSL(encoder.dim)
+    zsl_record = zsl.fit(cap_emb[~in_val], models.embed_words(names), present[~in_val], steps=cfg.zsl_steps,
+                         validation=(cap_emb[in_val], present[in_val]) if in_val.any() else None)
 
     results = None
     if cfg.evaluate:
@@ -594,8 +721,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             "class that name it, exact match); lowest 6 hard, middle 5 medium, top 6 easy"),
             target_mention_rates=target_rates, seconds=round(time.perf_counter() - t0, 1))
 
-    final = fitted[final_row]
-    final_local = branches.get("with_consistency", (None, None))[1]
     summary = {
         "data": {"coco_dir": str(Path(cfg.coco_dir).resolve()), "training_images": len(images),
                  "training_captions": len(caps), "present_base_pairs": sum(len(i.present) for i in images),
@@ -614,54 +739,75 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             "best_step": zsl_record["best_step"],
             "validation_best": round(min(zsl_record["validation"]), 4) if zsl_record["validation"] else None},
         "evaluation": results,
-        "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1), "total": round(time.perf_counter() - t_start, 1)},
+        "seconds": {"data": round(t_data, 1), "fit": round(t_fit, 1)},
+        "throughput": {"processes": ctx.world, "device": str(ctx.device),
+                       "pairs_per_s": {row: r.get("pairs_per_s") for row, r in records.items()}},
         "torch": torch.__version__,
     }
-    return _save(cfg, final, final_local, final_row, summary, models, all_train_ids, progress, t_start)
+    return _save(cfg, final, final_local, final_row, summary, seg, t_start)
+
+
+def _segmentation(cfg: TrainConfig, models: Models, final: ContextualEntailment, final_local: LocalInference | None,
+                  all_train_ids: list[int], progress: bool, ctx: Context) -> tuple[dict, dict, float] | None:
+    """Sec. 3.6's two networks on their fused priors (every process its share) -> (networks, summary, seconds),
+    or None without `cfg.segmentation`."""
+    from ovseg.train.methods.cap2seg_segmentation import SegTrainConfig, train_segmentation
+
+    if not cfg.segmentation:
+        return None
+    t0 = time.perf_counter()
+    dataset = CocoConceptDataset(cfg.coco_dir)
+    # a quick run (--max-images) takes the captioned images the entailment model saw, so that L_RS runs
+    seg_ids = ([i for i in all_train_ids if dataset.captions(i)][: cfg.max_images] if cfg.max_images
+               else all_train_ids)
+    seg_cfg = SegTrainConfig(epochs=cfg.seg_epochs, seed=cfg.seed, workers=cfg.workers, amp=cfg.amp,
+                             feature_cache=cfg.feature_cache, memory_cache_mb=cfg.memory_cache_mb,
+                             checkpoint_every=cfg.checkpoint_every, resume=cfg.resume)
+    nets, summary = train_segmentation(dataset, seg_ids, models, final, final_local, seg_cfg,
+                                       progress, ctx, resume_dir=f"{cfg.out}.resume")
+    return nets, summary, round(time.perf_counter() - t0, 1)
 
 
 def _save(cfg: TrainConfig, final: ContextualEntailment, final_local: LocalInference | None, final_row: str,
-          summary: dict, models: Models, all_train_ids: list[int], progress: bool, t_start: float) -> Path:
-    """The entailment model and local branch, sec. 3.6's segmentation networks (trained here, on their fused
-    priors) and the config and summary, into a fresh folder swapped in for cfg.out when everything is
-    written."""
-    from ovseg.train.methods.cap2seg_segmentation import SegTrainConfig, train_segmentation
+          summary: dict, seg: tuple[dict, dict, float] | None, t_start: float) -> Path:
+    """The entailment model and local branch, sec. 3.6's segmentation networks and the config and summary, into
+    a fresh folder swapped in for cfg.out when everything is written; the resume states go."""
+    from ovseg.train.methods.cap2seg_segmentation import save_networks
 
     out = Path(cfg.out)
     with replaced_folder(out) as tmp:
         final.save(tmp)
         if final_local is not None:
             final_local.save(tmp, {"known_classes": list(BASE_CLASSES)})
-        if cfg.segmentation:
-            t0 = time.perf_counter()
-            seg_ids = all_train_ids[: cfg.max_images] if cfg.max_images else all_train_ids
-            summary["segmentation"] = train_segmentation(
-                CocoConceptDataset(cfg.coco_dir), seg_ids, models, final, final_local, tmp,
-                SegTrainConfig(epochs=cfg.seg_epochs, seed=cfg.seed), progress)
-            summary["seconds"]["segmentation"] = round(time.perf_counter() - t0, 1)
+        if seg is not None:
+            nets, summary["segmentation"], summary["seconds"]["segmentation"] = seg
+            save_networks(nets, tmp)
         summary["seconds"]["total"] = round(time.perf_counter() - t_start, 1)
         atomic_write_json(tmp / "config.json", {"train": asdict(cfg), "entailment": asdict(final.config),
                                                 "row": final_row, "classes_seen": list(BASE_CLASSES),
                                                 "description_example": description("couch", final.config.description)})
         atomic_write_json(tmp / "training.json", summary)
+    shutil.rmtree(f"{cfg.out}.resume", ignore_errors=True)
     log.info("saved %s", out)
     return out
 
 
 def _with_entailment_from(cfg: TrainConfig, models: Models, all_train_ids: list[int], progress: bool,
-                          t_start: float) -> Path:
+                          t_start: float, ctx: Context) -> Path | None:
     """Reuse a trained entailment model (`--entailment-from FOLDER`, a cap2seg folder this trainer wrote):
     its Table 1 and losses are carried over from its training.json; only the segmentation model is trained."""
     source = Path(cfg.entailment_from)
     final = ContextualEntailment.load(source, models.text_encoder)
-    final_local = LocalInference.load(source) if (source / LOCAL_FILE).is_file() else None
+    final_local = LocalInference.load(source, models.device) if (source / LOCAL_FILE).is_file() else None
+    seg = _segmentation(cfg, models, final, final_local, all_train_ids, progress, ctx)
+    if not ctx.main:
+        return None
     previous = json.loads((source / "training.json").read_text()) if (source / "training.json").is_file() else {}
     previous_config = json.loads((source / "config.json").read_text()) if (source / "config.json").is_file() else {}
     summary = {**{k: v for k, v in previous.items() if k not in ("seconds", "segmentation")},
                "entailment_from": str(source), "entailment_seconds": previous.get("seconds", {}),
                "seconds": {}}
-    return _save(cfg, final, final_local, previous_config.get("row", "reused"), summary, models, all_train_ids,
-                 progress, t_start)
+    return _save(cfg, final, final_local, previous_config.get("row", "reused"), summary, seg, t_start)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -695,6 +841,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"epochs of the segmentation model (default {d.seg_epochs})")
     p.add_argument("--entailment-from", default=None,
                    help="reuse the entailment model of this cap2seg folder and train only the segmentation model")
+    add_scale_arguments(p, d, features=True)
 
 
 def run(args) -> Path:
@@ -705,8 +852,11 @@ def run(args) -> Path:
                              evaluate=not args.no_eval, max_images=args.max_images, fraction=args.fraction,
                              max_eval_images=args.max_eval_images, segmentation=not args.no_segmentation,
                              seg_epochs=args.seg_epochs, entailment_from=args.entailment_from,
-                             noun_pairs=args.noun_pairs, local_branch=not args.no_local_branch))
+                             noun_pairs=args.noun_pairs, local_branch=not args.no_local_branch, device=args.device,
+                             amp=args.amp, workers=args.workers, feature_cache=not args.no_feature_cache,
+                             memory_cache_mb=args.memory_cache_mb, checkpoint_every=args.checkpoint_every,
+                             resume=args.resume))
 
 
 register_trainer("cap2seg", "Cap2Seg's contextual entailment (caption occurrence and stripe priors; base classes)",
-                 add_arguments, run)
+                 add_arguments, run, distributed=True)

@@ -213,10 +213,55 @@ class DistDropout(torch.nn.Dropout):
             return super().forward(x)
         if self.inplace:
             raise ValueError("DistDropout does not run in place")
-        rows = int(all_reduce_sum(torch.tensor([len(x)], device=x.device)).item())
-        keep = torch.empty((rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - self.p)
-        mask = keep[dist.get_rank() :: dist.get_world_size()][: len(x)]
-        return x * mask / (1 - self.p)
+        return global_dropout(x, self.p)
+
+
+def global_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Training-mode dropout of this process's rows with the mask one process holding the global batch would
+    draw (see DistDropout; the rows' other dimensions must agree over the processes); plain dropout with one
+    process."""
+    if not _active() or p == 0:
+        return torch.nn.functional.dropout(x, p, training=True)
+    rows = int(all_reduce_sum(torch.tensor([len(x)], device=x.device)).item())
+    keep = torch.empty((rows,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    mask = keep[dist.get_rank() :: dist.get_world_size()][: len(x)]
+    return x * mask / (1 - p)
+
+
+def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
+    """t's element-wise maximum over every process, in place (no gradient); t itself with one process."""
+    if _active():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+GLOBAL_DROPOUT_ATTENTION = "ovseg_global_dropout"
+
+
+def _global_dropout_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Eager scaled dot-product attention (transformers' BERT eager path) whose attention dropout is
+    `global_dropout`: N processes draw the masks one process would on the global batch. Rows must be padded
+    to the same length in every process."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * (query.size(-1) ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1)
+    if module.training and dropout > 0:
+        weights = global_dropout(weights, dropout)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def sync_transformer(model: torch.nn.Module) -> str:
+    """Make a transformers model's dropout draw global-batch masks (its Dropout modules as `sync_batchnorm`
+    does, and its attention dropout through `_global_dropout_attention`). Returns the attention implementation
+    it had, to restore after training (`model.config._attn_implementation = ...`)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GLOBAL_DROPOUT_ATTENTION, _global_dropout_attention)  # idempotent
+    before = model.config._attn_implementation
+    model.config._attn_implementation = GLOBAL_DROPOUT_ATTENTION
+    sync_batchnorm(model)
+    return before
 
 
 def sync_batchnorm(module: torch.nn.Module) -> torch.nn.Module:

@@ -146,7 +146,7 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     """Train `model` for cfg.epochs over `source` (len(source) items; `source.item(index, epoch)` decodes one).
 
     `plan(epoch)`: the epoch's global batches, each a list of keys for `source.item` (the same list in every
-    process, and the same number of batches every epoch); batches may differ in size, and a process may get
+    process; epochs may differ in their number of batches); batches may differ in size, and a process may get
     an empty share of a small one (its `collate` then sees an empty list, and its `step` must still run the
     model, for the collectives). Default: `global_batches` (the sampler's order, cfg.batch_size items each).
 
@@ -165,13 +165,15 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     if plan is None and cfg.batch_size % ctx.world:
         raise ValueError(f"the global batch size {cfg.batch_size} does not divide among {ctx.world} processes")
     if plan is None:
-        per_epoch = steps_per_epoch(len(source), cfg.batch_size)
+        counts = [steps_per_epoch(len(source), cfg.batch_size)] * cfg.epochs
         plan = lambda epoch: global_batches(len(source), cfg.batch_size, epoch, cfg.seed)  # noqa: E731
     else:
-        per_epoch = len(plan(0))
-        if per_epoch == 0:
-            raise ValueError("the training plan has no batch")
-    total = cfg.epochs * per_epoch
+        counts = [len(plan(epoch)) for epoch in range(cfg.epochs)]
+        if min(counts) == 0:
+            raise ValueError(f"the training plan has no batch in epoch {counts.index(0) + 1}")
+    total = sum(counts)
+    # what a resumed run must match: the batches per epoch (one number when every epoch has as many)
+    per_epoch = counts[0] if len(set(counts)) == 1 else tuple(counts)
     cuda = ctx.device.type == "cuda"
     amp = cfg.amp == "on" or (cfg.amp == "auto" and cuda)
     amp_dtype = torch.float16 if cuda else torch.bfloat16
@@ -222,8 +224,9 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
     model.train()
     for epoch in range(state["epoch"], cfg.epochs):
         batches = plan(epoch)
-        if len(batches) != per_epoch:
-            raise ValueError(f"the training plan has {len(batches)} batches in epoch {epoch + 1}, {per_epoch} in the first")
+        if len(batches) != counts[epoch]:
+            raise ValueError(f"the training plan has {len(batches)} batches in epoch {epoch + 1}, it had "
+                             f"{counts[epoch]} when the run started")
         todo = batches[state["step_in_epoch"]:]
         # Its own generator: a DataLoader otherwise draws its workers' base seed from torch's global RNG,
         # which would shift the model's own draws (dropout) and differ between a run and its resumption.
@@ -254,12 +257,12 @@ def fit(model: torch.nn.Module, opt: torch.optim.Optimizer, sched, source, step:
             images += len(global_batch)
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{state['step_totals'][-1]:.3f}")
-            if state["step_in_epoch"] < per_epoch and cfg.checkpoint_every and \
+            if state["step_in_epoch"] < counts[epoch] and cfg.checkpoint_every and \
                     state["global_step"] % cfg.checkpoint_every == 0:
                 state["seconds"] += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 checkpoint()
-        state["records"].append({"epoch": epoch + 1, **{k: round(v / per_epoch, 4) for k, v in state["sums"].items()}})
+        state["records"].append({"epoch": epoch + 1, **{k: round(v / counts[epoch], 4) for k, v in state["sums"].items()}})
         state.update(epoch=epoch + 1, step_in_epoch=0, sums={})
         state["seconds"] += time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -240,14 +240,25 @@ class ContextualEntailment(torch.nn.Module):
         enc = [p for layer in self._layers()[self.first_trained:] for p in layer.parameters()]
         return enc, list(self.h_o.parameters()) + list(self.h_s.parameters())
 
-    def features(self, captions: Sequence[str], descriptions: Sequence[str]) -> torch.Tensor:
-        """phi(CEQ(x, c)) for each (caption, description) pair: (N, D)."""
+    def token_lengths(self, captions: Sequence[str], descriptions: Sequence[str]) -> list[int]:
+        """Each pair's token count as `features` encodes it (truncated to max_length)."""
+        ids = self.tokenizer(list(captions), list(descriptions), truncation="only_first",
+                             max_length=self.config.max_length)["input_ids"]
+        return [len(i) for i in ids]
+
+    def features(self, captions: Sequence[str], descriptions: Sequence[str], pad_to: int | None = None
+                 ) -> torch.Tensor:
+        """phi(CEQ(x, c)) for each (caption, description) pair: (N, D). pad_to: pad every pair to this many
+        tokens (at least the longest pair's `token_lengths`; training pads every process's share to the global
+        batch's longest) instead of the longest pair's."""
         if isinstance(captions, str) or isinstance(descriptions, str) or len(captions) != len(descriptions):
             raise OvsegError("captions and descriptions must be lists of equal length")
         if not captions:
             raise OvsegError("no (caption, description) pair to encode")
-        batch = self.tokenizer(list(captions), list(descriptions), padding=True, truncation="only_first",
-                               max_length=self.config.max_length, return_tensors="pt").to(self.device)
+        batch = self.tokenizer(list(captions), list(descriptions), truncation="only_first",
+                               padding="max_length" if pad_to else True,
+                               max_length=min(pad_to, self.config.max_length) if pad_to else self.config.max_length,
+                               return_tensors="pt").to(self.device)
         scales = self.config.multiscale_layers
         out = self.transformer(**batch, output_hidden_states=bool(scales))
         m = batch["attention_mask"].unsqueeze(-1).float()
@@ -259,9 +270,10 @@ class ContextualEntailment(torch.nn.Module):
             return torch.stack([pool(out.hidden_states[i]) for i in scales]).mean(0)
         return pool(out.last_hidden_state)
 
-    def forward(self, captions: Sequence[str], descriptions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, captions: Sequence[str], descriptions: Sequence[str], pad_to: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """(occurrence logits (N,), stripe logits (N, K)): the inputs of eq. 2 and of the softmax after eq. 4."""
-        phi = self.drop(self.features(captions, descriptions))
+        phi = self.drop(self.features(captions, descriptions, pad_to))
         return self.h_o(phi).squeeze(-1), self.h_s(phi)
 
     @torch.no_grad()
