@@ -142,3 +142,13 @@ def train_command(trainer: str, args: list[str], env: dict, torchrun: int = 0, w
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def training_env(cache: Path, needs: str = "captions.json") -> dict:
+    """The environment the training subprocesses of the *_scale tests run in: a fresh feature cache, one BLAS
+    thread per process, not under torchrun. Skips the test when coco_dev (or its `needs` file) is missing."""
+    if not (COCO_DEV / needs).is_file():
+        pytest.skip(f"coco_dev is missing ({COCO_DEV / needs})")
+    e = dict(os.environ, OVSEG_CACHE_DIR=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("WORLD_SIZE", None)
+    return e

@@ -3,13 +3,12 @@ processes under torchrun train the networks of 1 process with the same global ba
 a run killed with SIGKILL while fine-tuning the entailment model resumes to the uninterrupted networks."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import COCO_DEV, kill_after_checkpoint, train_command
+from helpers import kill_after_checkpoint, train_command, training_env
 
 TINY = ["--max-images", "6", "--epochs", "1", "--batch-size", "16", "--seg-epochs", "2", "--no-ablation",
         "--no-eval", "--device", "cpu"]
@@ -43,7 +42,7 @@ def test_an_epochs_questions_depend_on_the_seed_and_epoch_alone():
 
 
 def _train(args, env, torchrun: int = 0, wait=True):
-    return train_command("cap2seg", [*TINY, *args], env, torchrun=torchrun, wait=wait)
+    return train_command("cap2seg", [*TINY, *args], env, torchrun=torchrun, wait=wait, timeout_s=900)
 
 
 def _weights(folder):
@@ -61,12 +60,7 @@ def _summary(folder):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    if not (COCO_DEV / "captions.json").is_file():
-        pytest.skip(f"coco_dev is missing ({COCO_DEV})")
-    e = dict(os.environ, OVSEG_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), OMP_NUM_THREADS="1",
-             PYTHONUNBUFFERED="1")
-    e.pop("WORLD_SIZE", None)
-    return e
+    return training_env(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

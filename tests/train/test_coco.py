@@ -1,7 +1,6 @@
 """Tests of ovseg.train.coco: the class split, the guard, and the dataset on the shared coco_dev."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -3,15 +3,12 @@ train the networks of 1 process with the same global batches, and a run killed w
 to the uninterrupted networks."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import COCO_DEV, kill_after_checkpoint
+from helpers import kill_after_checkpoint, train_command, training_env
 
 from ovseg.train.methods.concept_mask import refinement_plan
 
@@ -31,15 +28,7 @@ def test_the_refinement_plan_keeps_stage_2s_shuffle():
 
 
 def _train(args, env, torchrun: int = 0, wait=True):
-    cmd = [sys.executable, "-m", "ovseg.app.cli", "train", "concept_mask", *TINY, "--coco", str(COCO_DEV), *args]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               *cmd[1:]]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return train_command("concept_mask", [*TINY, *args], env, torchrun=torchrun, wait=wait, timeout_s=900)
 
 
 def _weights(folder):
@@ -55,12 +44,7 @@ def _summary(folder):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    if not (COCO_DEV / "captions.json").is_file():
-        pytest.skip(f"coco_dev is missing ({COCO_DEV})")
-    e = dict(os.environ, OVSEG_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), OMP_NUM_THREADS="1",
-             PYTHONUNBUFFERED="1")
-    e.pop("WORLD_SIZE", None)
-    return e
+    return training_env(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from helpers import COCO_DEV, kill_after_checkpoint
+from helpers import kill_after_checkpoint, train_command, training_env
 
 from ovseg.train.segmenter_fit import segmenter_plan
 
@@ -126,15 +126,7 @@ TINY = ["--variant", "sem1c", "--epochs", "2", "--batch-size", "4", "--max-pairs
 
 
 def _train(args, env, torchrun: int = 0, wait=True):
-    cmd = [sys.executable, "-m", "ovseg.app.cli", "train", "cls_saliency", *TINY, "--coco", str(COCO_DEV), *args]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               *cmd[1:]]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return train_command("cls_saliency", [*TINY, *args], env, torchrun=torchrun, wait=wait, timeout_s=600)
 
 
 def _weights(folder):
@@ -147,12 +139,7 @@ def _summary(folder):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    if not (COCO_DEV / "instances.json").is_file():
-        pytest.skip(f"coco_dev is missing ({COCO_DEV})")
-    e = dict(os.environ, OVSEG_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), OMP_NUM_THREADS="1",
-             PYTHONUNBUFFERED="1")
-    e.pop("WORLD_SIZE", None)
-    return e
+    return training_env(tmp_path_factory.mktemp("cache"), "instances.json")
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """Training the class-agnostic segmenter: base classes only, never a target-class mask, a real checkpoint."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

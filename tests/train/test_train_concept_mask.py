@@ -1,7 +1,6 @@
 """Training Concept Mask: box grids, soft IoU, tags, and a short real run that reads no target-class annotation."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

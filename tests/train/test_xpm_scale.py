@@ -4,15 +4,12 @@ with the same global batch, and a run killed with SIGKILL in a student stage res
 networks."""
 
 import json
-import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import COCO_DEV, kill_after_checkpoint
+from helpers import kill_after_checkpoint, train_command, training_env
 
 from ovseg.train.methods.xpm import xpm_plan
 
@@ -63,15 +60,7 @@ def test_an_images_loss_depends_on_its_key_and_epoch_not_on_the_order_it_is_trai
 
 
 def _train(args, env, torchrun: int = 0, wait=True):
-    cmd = [sys.executable, "-m", "ovseg.app.cli", "train", "xpm", *TINY, "--coco", str(COCO_DEV), *args]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               *cmd[1:]]
-    if not wait:
-        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
+    return train_command("xpm", [*TINY, *args], env, torchrun=torchrun, wait=wait, timeout_s=600)
 
 
 def _weights(folder, network):
@@ -84,12 +73,7 @@ def _summary(folder):
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    if not (COCO_DEV / "captions.json").is_file():
-        pytest.skip(f"coco_dev is missing ({COCO_DEV})")
-    e = dict(os.environ, OVSEG_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), OMP_NUM_THREADS="1",
-             PYTHONUNBUFFERED="1")
-    e.pop("WORLD_SIZE", None)
-    return e
+    return training_env(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
