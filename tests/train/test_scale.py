@@ -48,6 +48,52 @@ def test_a_training_set_smaller_than_a_batch_is_refused():
 # ---------------------------------------------------------------------------------------------- corpora
 
 
+def test_a_plan_whose_epochs_grow_trains_every_batch_and_resumes_in_place(tmp_path):
+    """A curriculum's epochs hold more batches as classes join (cap2seg): every planned batch trains once, the
+    per-epoch means divide by that epoch's batches, and a state written mid-run resumes to the same weights."""
+    from ovseg.train.scale.loop import LoopConfig, fit
+
+    class Source:
+        def __len__(self):
+            return 12
+
+        def item(self, key, epoch):
+            return torch.tensor([float(key), float(epoch)])
+
+    plan = {0: [[0, 1]], 1: [[2, 3], [4, 5]], 2: [[6, 7], [8, 9], [10, 11]]}
+    seen, crash_at = [], [None]
+
+    def step(model, batch, epoch):
+        if len(seen) == crash_at[0]:
+            raise RuntimeError("crash")
+        seen.append([int(v) for v in batch[:, 0]])
+        loss = ((model(batch) - 1.0) ** 2).mean()
+        return loss, {"total": float(loss.detach()), "zero_based": float(epoch)}
+
+    def run(state, resume):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        cfg = LoopConfig(epochs=3, batch_size=2, checkpoint=str(state), checkpoint_every=1, resume=resume,
+                         progress=False)
+        return model, fit(model, opt, None, Source(), step, cfg, Context(), collate=torch.stack,
+                          plan=lambda epoch: plan[epoch])
+
+    model, record = run(tmp_path / "a.pt", False)
+    assert seen == [b for e in range(3) for b in plan[e]] and record["steps"] == 6
+    # each epoch's record is the mean over its own batches: the logged 0-based epoch comes back whole
+    assert [(r["epoch"], r["zero_based"]) for r in record["epochs"]] == [(1, 0.0), (2, 1.0), (3, 2.0)]
+    seen.clear()
+    crash_at[0] = 3  # in the first batch of the third epoch, after three steps were written
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "b.pt", False)
+    seen.clear()
+    crash_at[0] = None
+    resumed, again = run(tmp_path / "b.pt", True)
+    assert seen == plan[2] and again["resumed_from_step"] == 3 and again["epochs"] == record["epochs"]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+
+
 def _jpeg(color=(200, 30, 30)) -> bytes:
     from PIL import Image
 
