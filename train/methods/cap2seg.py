@@ -305,7 +305,7 @@ class EpochPairs:
     def __init__(self, images: list[CaptionedImage], cfg: TrainConfig, curriculum: dict[str, list[str]] | None,
                  vocabulary: list[str], n_sub: int | None):
         self.images, self.cfg, self.curriculum, self.vocabulary, self.n_sub = images, cfg, curriculum, vocabulary, n_sub
-        self._epochs: dict[int, tuple[list[str], list[Pair]]] = {}
+        self._epochs: dict[int, list[Pair]] = {}
 
     def active(self, epoch: int) -> list[str]:
         """The seen classes asked about in an epoch: with a curriculum the easiest third in the first third of
