@@ -32,7 +32,7 @@ from ovseg.train.coco import BASE_CLASSES, TARGET_CLASSES, CocoConceptDataset, t
 from ovseg.train.scale import dist
 from ovseg.train.scale.dist import Context
 from ovseg.train.scale.features import PyramidStore
-from ovseg.train.scale.loop import LoopConfig, fit as fit_loop, item_seed
+from ovseg.train.scale.loop import LoopConfig, fit as fit_loop, item_seed, shuffled_batches
 
 log = logging.getLogger(__name__)
 
@@ -157,18 +157,6 @@ def build_samples(dataset: CocoConceptDataset, ids: list[int], models, entailmen
     return samples, counts
 
 
-def segmentation_plan(n: int, epochs: int, batch_images: int, seed: int) -> list[list[list[int]]]:
-    """Every epoch's batches of image positions: a shuffle per epoch from random.Random(seed), batches of
-    `batch_images`, the last one smaller. The same plan in every process."""
-    rng = random.Random(seed)
-    plan = []
-    for _ in range(epochs):
-        order = list(range(n))
-        rng.shuffle(order)
-        plan.append([order[b : b + batch_images] for b in range(0, n, batch_images)])
-    return plan
-
-
 def _seg_step(ctx: Context, seen_vectors: torch.Tensor, unseen_vectors: torch.Tensor, lambda_rs: float):
     """Eq. 18 of a process's share of a batch: the sum over its images of L_seg + lambda * L_RS (with the
     image's partner), over the global batch's image count (one process: the batch mean)."""
@@ -210,7 +198,7 @@ def fit(samples: SegSamples, seen_vectors: torch.Tensor, unseen_vectors: torch.T
     net = Cap2SegNet(SegmentationConfig(channels=cfg.channels, word_dim=seen_vectors.shape[1],
                                         long_side=cfg.long_side, lambda_rs=lambda_rs)).to(ctx.device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    plan = segmentation_plan(len(samples), cfg.epochs, cfg.batch_images, cfg.seed)
+    plan = shuffled_batches(len(samples), cfg.epochs, cfg.batch_images, cfg.seed)
     samples.partners = lambda_rs > 0
     loop = LoopConfig(epochs=cfg.epochs, batch_size=cfg.batch_images, seed=cfg.seed, workers=cfg.workers,
                       amp=cfg.amp, checkpoint=checkpoint, checkpoint_every=cfg.checkpoint_every, resume=cfg.resume,

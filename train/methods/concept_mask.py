@@ -63,7 +63,7 @@ from ovseg.train.scale import dist
 from ovseg.train.scale.cli import add_scale_arguments
 from ovseg.train.scale.dist import Context, all_reduce_sum
 from ovseg.train.scale.features import FrozenFeatures
-from ovseg.train.scale.loop import LoopConfig, fit
+from ovseg.train.scale.loop import LoopConfig, fit, shuffled_batches
 
 log = logging.getLogger(__name__)
 
@@ -259,13 +259,7 @@ def refinement_plan(n: int, epochs: int, batch_size: int, seed: int) -> list[lis
     from random.Random(seed), batches of `batch_size`, the last one smaller. The same plan in every process."""
     if n == 0:
         raise ValueError("stage 2 has no training sample: no training image has a base-class box")
-    rng = random.Random(seed)
-    plan = []
-    for _ in range(epochs):
-        order = list(range(n))
-        rng.shuffle(order)
-        plan.append([order[b : b + batch_size] for b in range(0, n, batch_size)])
-    return plan
+    return shuffled_batches(n, epochs, batch_size, seed)
 
 
 def _refinement_step(ctx: Context, original: AttentionNet, gamma: torch.Tensor, box_concepts: list[int],

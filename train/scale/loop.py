@@ -93,6 +93,19 @@ def global_batches(n: int, batch_size: int, epoch: int, seed: int) -> list[list[
     return [order[b : b + batch_size] for b in range(0, (n // batch_size) * batch_size, batch_size)]
 
 
+def shuffled_batches(n: int, epochs: int, batch_size: int, seed: int) -> list[list[list[int]]]:
+    """Every epoch's batches of item indices, as the small trainers have always drawn them: a shuffle per epoch
+    from random.Random(seed), batches of `batch_size`, the last one smaller (kept). Every process draws the same
+    plan from the same seed."""
+    rng = random.Random(seed)
+    plan = []
+    for _ in range(epochs):
+        order = list(range(n))
+        rng.shuffle(order)
+        plan.append([order[b : b + batch_size] for b in range(0, n, batch_size)])
+    return plan
+
+
 def local_share(batch: list, ctx: Context) -> list:
     """This process's items of a global batch: every world-th one from its rank on. That is what a
     DistributedSampler gives rank r, so the default plan is the sampler's order split the usual way."""
