@@ -306,6 +306,7 @@ class EpochPairs:
                  vocabulary: list[str], n_sub: int | None):
         self.images, self.cfg, self.curriculum, self.vocabulary, self.n_sub = images, cfg, curriculum, vocabulary, n_sub
         self._epochs: dict[int, list[Pair]] = {}
+        self._sizes: dict[int, int] = {}  # questions per epoch: a plan needs only these
 
     def active(self, epoch: int) -> list[str]:
         """The seen classes asked about in an epoch: with a curriculum the easiest third in the first third of
@@ -322,16 +323,21 @@ class EpochPairs:
             noun_pairs = self.cfg.noun_pairs if self.vocabulary else 0
             self._epochs = {epoch: epoch_pairs(self.images, self.active(epoch), self.cfg.negatives, rng, self.cfg.k,
                                                self.vocabulary, noun_pairs)}  # one epoch held at a time
+            self._sizes[epoch] = len(self._epochs[epoch])
         return self._epochs[epoch]
+
+    def size(self, epoch: int) -> int:
+        """The epoch's number of questions (made once, then remembered)."""
+        return self._sizes[epoch] if epoch in self._sizes else len(self.pairs(epoch))
 
     def plan(self, epoch: int) -> list[list[int]]:
         """The epoch's global batches: its (already shuffled) pairs in runs of batch_size, an incomplete last
         batch dropped (as a DistributedSampler drops it)."""
-        n, b = len(self.pairs(epoch)), self.cfg.batch_size
+        n, b = self.size(epoch), self.cfg.batch_size
         return [list(range(i, i + b)) for i in range(0, (n // b) * b, b)]
 
     def __len__(self) -> int:
-        return len(self.pairs(0))
+        return self.size(0)
 
     def item(self, index: int, epoch: int) -> tuple[Pair, LocalDraw | None]:
         p = self.pairs(epoch)[index]
