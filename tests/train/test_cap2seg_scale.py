@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import kill_after_checkpoint, train_command, training_env
+from helpers import kill_after_checkpoint, train_command
 
 TINY = ["--max-images", "6", "--epochs", "1", "--batch-size", "16", "--seg-epochs", "2", "--no-ablation",
         "--no-eval", "--device", "cpu"]
@@ -56,11 +56,6 @@ def _weights(folder):
 
 def _summary(folder):
     return json.loads((folder / "training.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return training_env(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from helpers import kill_after_checkpoint, train_command, training_env
+from helpers import kill_after_checkpoint, train_command
 
 from ovseg.train.methods.concept_mask import refinement_plan
 
@@ -40,11 +40,6 @@ def _weights(folder):
 
 def _summary(folder):
     return json.loads((folder / "training.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return training_env(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ a WebDataset shard and a JSONL caption corpus made here train."""
 
 import io
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -176,16 +175,6 @@ def _assert_same(a, b, atol, rtol=0.0):
     assert a.keys() == b.keys()
     excess = max(float(((a[k].float() - b[k].float()).abs() - atol - rtol * b[k].float().abs()).max()) for k in a)
     assert excess <= 0, f"weights differ by {excess} beyond the tolerance"
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    if not (COCO_DEV / "captions.json").is_file():
-        pytest.skip(f"coco_dev with captions is missing ({COCO_DEV})")
-    e = dict(os.environ, OVSEG_CACHE_DIR=str(tmp_path_factory.mktemp("cache")), OMP_NUM_THREADS="1",
-             PYTHONUNBUFFERED="1")
-    e.pop("WORLD_SIZE", None)
-    return e
 
 
 @pytest.fixture(scope="module")

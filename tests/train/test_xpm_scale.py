@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from helpers import kill_after_checkpoint, train_command, training_env
+from helpers import kill_after_checkpoint, train_command
 
 from ovseg.train.methods.xpm import xpm_plan
 
@@ -69,11 +69,6 @@ def _weights(folder, network):
 
 def _summary(folder):
     return json.loads((folder / "training.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    return training_env(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
